@@ -1,0 +1,74 @@
+"""The one place that knows where qa_pipeline keeps its files under the data directory."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA_DIR_ENV = "QA_PIPELINE_DATA_DIR"
+SOURCES_DIR_ENV = "QA_PIPELINE_SOURCES_DIR"
+DEFAULT_DATA_DIR = Path("data")
+
+# Tables written as one Parquet file per partition (document) and exposed as DuckDB views.
+PARTITIONED_TABLES = ("chunks", "qa_pairs", "failures")
+
+
+def safe_file_stem(key: str) -> str:
+    """A file name for a partition key: readable, filesystem-safe and unique per key."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._")[:80] or "document"
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:10]
+    return f"{readable}-{digest}"
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Paths under one data root; every reader and writer goes through this."""
+
+    root: Path
+    sources_override: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> DataLayout:
+        root = Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser().absolute()
+        sources = os.environ.get(SOURCES_DIR_ENV)
+        return cls(root=root, sources_override=Path(sources).expanduser().absolute() if sources else None)
+
+    @property
+    def sources_dir(self) -> Path:
+        return self.sources_override or self.root / "sources"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.root / "outputs"
+
+    def table_dir(self, table: str) -> Path:
+        return self.outputs_dir / table
+
+    def partition_file(self, table: str, document: str) -> Path:
+        return self.table_dir(table) / f"{safe_file_stem(document)}.parquet"
+
+    def journal_file(self, document: str) -> Path:
+        return self.root / "journal" / f"{safe_file_stem(document)}.jsonl"
+
+    @property
+    def test_sample_file(self) -> Path:
+        return self.outputs_dir / "test_sample.parquet"
+
+    @property
+    def benchmark_dir(self) -> Path:
+        return self.table_dir("benchmark_runs")
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
