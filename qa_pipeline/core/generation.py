@@ -1,0 +1,285 @@
+"""QA generation over many chunks: a work queue of requests, journaled as each chunk finishes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from pydantic import BaseModel
+
+from qa_pipeline.core.client import ChatOutcome, LLMClient
+from qa_pipeline.core.concurrency import ConcurrencyGate, FixedLimit
+from qa_pipeline.core.layout import DataLayout
+from qa_pipeline.core.progress import Progress
+from qa_pipeline.core.prompts import (
+    DEFAULT_QUESTION_TYPES,
+    PROMPT_VERSION,
+    ParseError,
+    build_messages,
+    parse_pairs,
+    response_format,
+)
+from qa_pipeline.core.storage import ChunkResult, Journal
+
+
+class GenerationSettings(BaseModel):
+    """Everything that shapes a request; all of it goes into the cache key."""
+
+    question_types: tuple[str, ...] = DEFAULT_QUESTION_TYPES
+    max_tokens: int = 1024
+    temperature: float = 0.0
+    seed: int | None = 0
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """One chunk to ask about."""
+
+    document: str
+    chunk_id: str
+    content: str
+    heading_path: tuple[str, ...] = ()
+
+
+class StalledError(RuntimeError):
+    """No chunk finished for longer than the configured stall timeout."""
+
+
+class GenerationInterrupted(RuntimeError):
+    """A stop was requested; finished chunks are in the journal and the next run resumes."""
+
+
+@dataclass
+class TelemetrySample:
+    elapsed_s: float
+    done: int
+    in_flight: int
+    limit: int
+    output_tokens: int
+    server_running: float | None
+    server_waiting: float | None
+    kv_cache_usage: float | None
+
+
+@dataclass
+class GenerationReport:
+    """What a generation run did, per chunk and overall."""
+
+    results: dict[str, list[ChunkResult]]  # per document, in chunk order
+    sent: int = 0
+    cached: int = 0
+    duration_s: float = 0.0
+    output_tokens: int = 0
+    telemetry: list[TelemetrySample] = field(default_factory=list)
+
+    def failure_rate(self, document: str) -> float:
+        results = self.results.get(document, [])
+        return sum(not r.ok for r in results) / len(results) if results else 0.0
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.duration_s if self.duration_s else 0.0
+
+
+def request_hash(model: str, messages: Sequence[dict], settings: GenerationSettings, schema: dict) -> str:
+    """Cache key: any change of model, prompt, sampling parameters or schema changes it."""
+    key = {
+        "model": model,
+        "messages": list(messages),
+        "max_tokens": settings.max_tokens,
+        "temperature": settings.temperature,
+        "seed": settings.seed,
+        "schema": schema,
+        "prompt_version": PROMPT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+
+
+def result_from_outcome(task: ChunkTask, key: str, model: str, outcome: ChatOutcome) -> ChunkResult:
+    """A journal record for one chunk: validated pairs, or the reason there are none."""
+    common = {
+        "document": task.document,
+        "chunk_id": task.chunk_id,
+        "request_hash": key,
+        "attempts": outcome.attempts,
+        "model": model,
+        "endpoint": outcome.endpoint,
+        "latency_s": outcome.latency_s,
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "prompt_version": PROMPT_VERSION,
+        "finished_at": datetime.now(UTC),
+        "http_status": outcome.status,
+    }
+    if not outcome.ok:
+        return ChunkResult(ok=False, reason=outcome.failure_reason, detail=outcome.error, **common)
+    try:
+        pairs = parse_pairs(outcome.content, outcome.finish_reason)
+    except ParseError as error:
+        return ChunkResult(ok=False, reason=error.reason, detail=error.detail, **common)
+    return ChunkResult(ok=True, pairs=pairs, **common)
+
+
+class Generator:
+    """Sends every chunk that has no finished result yet, through one queue, as fast as the limit allows."""
+
+    def __init__(
+        self,
+        client: LLMClient,
+        layout: DataLayout,
+        settings: GenerationSettings,
+        limiter: FixedLimit,
+        log: Callable[[str], None] = print,
+        progress_interval_s: float = 10.0,
+        stall_timeout_s: float = 900.0,
+        telemetry_interval_s: float = 1.0,
+        force: bool = False,
+    ):
+        self.client = client
+        self.layout = layout
+        self.settings = settings
+        self.limiter = limiter
+        self.log = log
+        self.progress_interval_s = progress_interval_s
+        self.stall_timeout_s = stall_timeout_s
+        self.telemetry_interval_s = telemetry_interval_s
+        self.force = force
+        self.schema = response_format()
+
+    async def run(self, tasks: Sequence[ChunkTask], stop: asyncio.Event | None = None) -> GenerationReport:
+        model = self.client.model or await self.client.resolve_model()
+        documents = sorted({t.document for t in tasks})
+        journals = {d: Journal(self.layout.journal_file(d)) for d in documents}
+        finished = {d: ({} if self.force else j.load()) for d, j in journals.items()}
+
+        keyed = []
+        for task in tasks:
+            messages = build_messages(task.content, list(task.heading_path), self.settings.question_types)
+            keyed.append((task, messages, request_hash(model, messages, self.settings, self.schema)))
+        todo = [(t, m, k) for t, m, k in keyed if not (k in finished[t.document] and finished[t.document][k].ok)]
+
+        label = f"qa_pairs {documents[0]}" if len(documents) == 1 else f"qa_pairs ({len(documents)} documents)"
+        progress = Progress(label, len(tasks), self.log, self.progress_interval_s)
+        for _ in range(len(tasks) - len(todo)):
+            progress.advance(cached=True)
+        report = GenerationReport(results={}, cached=len(tasks) - len(todo))
+        self.log(
+            f"{label}: {len(tasks)} chunks, {report.cached} already done (journal/cache), "
+            f"{len(todo)} to send to {', '.join(e.base_url for e in self.client.endpoints)} "
+            f"(model {model}, concurrency {self.limiter.limit})"
+        )
+
+        started = time.monotonic()
+        with ExitStack() as stack:
+            for journal in journals.values():
+                stack.enter_context(journal)
+            await self._drain(todo, model, journals, finished, progress, report, stop or asyncio.Event())
+        report.duration_s = time.monotonic() - started
+        report.output_tokens = progress.output_tokens
+
+        for document, journal in journals.items():
+            current = [
+                finished[document][k].model_copy(update={"chunk_id": t.chunk_id})
+                for t, _, k in keyed
+                if t.document == document
+            ]
+            report.results[document] = current
+            # Compact: the journal keeps the document's current chunks only.
+            journal.rewrite(current)
+        if todo:
+            self.log(progress.line())
+        return report
+
+    async def _drain(self, todo, model, journals, finished, progress, report, stop) -> None:
+        queue: asyncio.Queue = asyncio.Queue()
+        for item in todo:
+            queue.put_nowait(item)
+        gate = ConcurrencyGate(self.limiter)
+        last_finish = time.monotonic()
+
+        async def worker() -> None:
+            nonlocal last_finish
+            while not stop.is_set():
+                try:
+                    task, messages, key = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                async with gate:
+                    if stop.is_set():
+                        return
+                    report.sent += 1
+                    outcome = await self.client.chat(
+                        messages,
+                        response_format=self.schema,
+                        max_tokens=self.settings.max_tokens,
+                        temperature=self.settings.temperature,
+                        seed=self.settings.seed,
+                    )
+                result = result_from_outcome(task, key, model, outcome)
+                self.limiter.observe_response(outcome.latency_s, outcome.ok)
+                journals[task.document].append(result)
+                finished[task.document][key] = result
+                last_finish = time.monotonic()
+                progress.advance(failed=not result.ok, output_tokens=outcome.completion_tokens)
+                if not result.ok:
+                    self.log(f"chunk {task.chunk_id} of {task.document} failed: {result.reason}: {result.detail}")
+
+        workers = [asyncio.create_task(worker()) for _ in range(max(1, min(self.limiter.max_limit, len(todo))))]
+        monitor = asyncio.create_task(self._monitor(gate, progress, report, started=time.monotonic()))
+        try:
+            while True:
+                done, _ = await asyncio.wait(workers, timeout=1.0)
+                if len(done) == len(workers):
+                    break
+                if time.monotonic() - last_finish > self.stall_timeout_s:
+                    raise StalledError(
+                        f"STALLED: no chunk finished in {self.stall_timeout_s:g} s "
+                        f"({progress.done}/{progress.total} done, {gate.in_flight} requests in flight to "
+                        f"{', '.join(e.base_url for e in self.client.endpoints)}). Finished chunks are saved; "
+                        "check the server and re-run to resume."
+                    )
+                if stop.is_set():
+                    await self._finish_in_flight(workers)
+                    raise GenerationInterrupted(
+                        f"stopped on request after {progress.done}/{progress.total} chunks; "
+                        "finished chunks are saved and the next run resumes from there"
+                    )
+            for w in workers:
+                w.result()
+        finally:
+            monitor.cancel()
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, monitor, return_exceptions=True)
+
+    async def _finish_in_flight(self, workers, grace_s: float = 30.0) -> None:
+        """Let requests already sent finish (their results are journaled), then abandon the rest."""
+        await asyncio.wait(workers, timeout=grace_s)
+
+    async def _monitor(self, gate: ConcurrencyGate, progress: Progress, report: GenerationReport, started) -> None:
+        """Samples load and server metrics for the run's metadata and the concurrency controller."""
+        while True:
+            metrics = await self.client.metrics()
+            elapsed = time.monotonic() - started
+            self.limiter.observe_metrics(metrics, elapsed)
+            await gate.limit_changed()
+            report.telemetry.append(
+                TelemetrySample(
+                    elapsed_s=elapsed,
+                    done=progress.done,
+                    in_flight=gate.in_flight,
+                    limit=self.limiter.limit,
+                    output_tokens=progress.output_tokens,
+                    server_running=metrics.running if metrics else None,
+                    server_waiting=metrics.waiting if metrics else None,
+                    kv_cache_usage=metrics.kv_cache_usage if metrics else None,
+                )
+            )
+            await asyncio.sleep(self.telemetry_interval_s)
+

@@ -1,0 +1,309 @@
+"""Storage: Parquet per partition (written atomically), the chunk journal, and DuckDB views over both."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import polars as pl
+from pydantic import BaseModel, Field
+
+from qa_pipeline.core.layout import PARTITIONED_TABLES, DataLayout
+from qa_pipeline.core.prompts import QAPair
+
+QA_PAIRS_SCHEMA: dict[str, pl.DataType] = {
+    "document": pl.String(),
+    "chunk_id": pl.String(),
+    "pair_index": pl.Int32(),
+    "question": pl.String(),
+    "answer": pl.String(),
+    "type": pl.String(),
+    "model": pl.String(),
+    "latency_s": pl.Float64(),
+    "prompt_tokens": pl.Int64(),
+    "completion_tokens": pl.Int64(),
+    "attempts": pl.Int32(),
+    "endpoint": pl.String(),
+    "request_hash": pl.String(),
+    "prompt_version": pl.String(),
+    "generated_at": pl.Datetime("us", "UTC"),
+}
+
+FAILURES_SCHEMA: dict[str, pl.DataType] = {
+    "document": pl.String(),
+    "chunk_id": pl.String(),
+    "reason": pl.String(),
+    "detail": pl.String(),
+    "http_status": pl.Int32(),
+    "attempts": pl.Int32(),
+    "model": pl.String(),
+    "endpoint": pl.String(),
+    "latency_s": pl.Float64(),
+    "completion_tokens": pl.Int64(),
+    "request_hash": pl.String(),
+    "failed_at": pl.Datetime("us", "UTC"),
+}
+
+BENCHMARK_SCHEMA: dict[str, pl.DataType] = {
+    "run_id": pl.String(),
+    "started_at": pl.Datetime("us", "UTC"),
+    "model": pl.String(),
+    "endpoint": pl.String(),
+    "concurrency": pl.Int32(),
+    "requests": pl.Int32(),
+    "successes": pl.Int32(),
+    "success_rate": pl.Float64(),
+    "duration_s": pl.Float64(),
+    "requests_per_s": pl.Float64(),
+    "output_tokens_per_s": pl.Float64(),
+    "latency_p50_s": pl.Float64(),
+    "latency_p95_s": pl.Float64(),
+    "latency_p99_s": pl.Float64(),
+    "server_running_mean": pl.Float64(),
+    "server_running_max": pl.Float64(),
+    "server_waiting_mean": pl.Float64(),
+    "server_waiting_max": pl.Float64(),
+    "kv_cache_usage_mean": pl.Float64(),
+    "kv_cache_usage_max": pl.Float64(),
+    "metric_samples": pl.Int32(),
+    "recommended": pl.Boolean(),
+}
+
+
+class ChunkResult(BaseModel):
+    """The durable record of one finished chunk: its QA pairs or why it has none."""
+
+    document: str
+    chunk_id: str
+    request_hash: str
+    ok: bool
+    pairs: list[QAPair] = Field(default_factory=list)
+    reason: str | None = None
+    detail: str | None = None
+    http_status: int | None = None
+    attempts: int = 0
+    model: str = ""
+    endpoint: str = ""
+    latency_s: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_version: str = ""
+    finished_at: datetime
+
+
+def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        frame.write_parquet(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class Journal:
+    """Append-only JSONL of finished chunks for one document, flushed per line so a killed run resumes.
+
+    Entries are keyed by request hash (model, messages, sampling parameters, schema), which also
+    makes the journal the response cache: an unchanged chunk costs no request on a re-run.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle = None
+
+    def load(self) -> dict[str, ChunkResult]:
+        """Latest result per request hash; a line cut short by a crash is skipped."""
+        results: dict[str, ChunkResult] = {}
+        if not self.path.exists():
+            return results
+        with self.path.open("r", encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    result = ChunkResult.model_validate_json(line)
+                except ValueError:
+                    continue
+                previous = results.get(result.request_hash)
+                # A success is never replaced by a later failure of the same request.
+                if previous is None or result.ok or not previous.ok:
+                    results[result.request_hash] = result
+        return results
+
+    def __enter__(self) -> Journal:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = self.path.open("a", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
+
+    def append(self, result: ChunkResult) -> None:
+        # One write per line plus flush: the OS has it even if this process is SIGKILLed.
+        assert self._handle is not None, "Journal.append outside `with`"
+        self._handle.write(result.model_dump_json() + "\n")
+        self._handle.flush()
+
+    def rewrite(self, results: Iterable[ChunkResult]) -> None:
+        """Keep only the given results (the document's current chunks), replacing the file atomically."""
+        write_text_atomic("".join(r.model_dump_json() + "\n" for r in results), self.path)
+
+
+def results_to_frames(results: Iterable[ChunkResult]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The `qa_pairs` and `failures` rows of finished chunks."""
+    pair_rows: list[dict] = []
+    failure_rows: list[dict] = []
+    for r in results:
+        if r.ok:
+            for index, pair in enumerate(r.pairs):
+                pair_rows.append(
+                    {
+                        "document": r.document,
+                        "chunk_id": r.chunk_id,
+                        "pair_index": index,
+                        "question": pair.question,
+                        "answer": pair.answer,
+                        "type": pair.type,
+                        "model": r.model,
+                        "latency_s": r.latency_s,
+                        "prompt_tokens": r.prompt_tokens,
+                        "completion_tokens": r.completion_tokens,
+                        "attempts": r.attempts,
+                        "endpoint": r.endpoint,
+                        "request_hash": r.request_hash,
+                        "prompt_version": r.prompt_version,
+                        "generated_at": r.finished_at,
+                    }
+                )
+        else:
+            failure_rows.append(
+                {
+                    "document": r.document,
+                    "chunk_id": r.chunk_id,
+                    "reason": r.reason,
+                    "detail": r.detail,
+                    "http_status": r.http_status,
+                    "attempts": r.attempts,
+                    "model": r.model,
+                    "endpoint": r.endpoint,
+                    "latency_s": r.latency_s,
+                    "completion_tokens": r.completion_tokens,
+                    "request_hash": r.request_hash,
+                    "failed_at": r.finished_at,
+                }
+            )
+    return (
+        pl.DataFrame(pair_rows, schema=QA_PAIRS_SCHEMA),
+        pl.DataFrame(failure_rows, schema=FAILURES_SCHEMA),
+    )
+
+
+class Storage:
+    """Reads and writes every table of one data directory."""
+
+    def __init__(self, layout: DataLayout):
+        self.layout = layout
+
+    def write_partition(self, table: str, document: str, frame: pl.DataFrame) -> Path:
+        path = self.layout.partition_file(table, document)
+        write_parquet_atomic(frame, path)
+        return path
+
+    def read_partition(self, table: str, document: str) -> pl.DataFrame | None:
+        path = self.layout.partition_file(table, document)
+        return pl.read_parquet(path) if path.exists() else None
+
+    def delete_partition(self, document: str) -> None:
+        """Remove every output and the journal of a document that no longer exists."""
+        for table in PARTITIONED_TABLES:
+            self.layout.partition_file(table, document).unlink(missing_ok=True)
+        self.layout.journal_file(document).unlink(missing_ok=True)
+
+    def partition_files(self, table: str) -> list[Path]:
+        directory = self.layout.table_dir(table)
+        return sorted(directory.glob("*.parquet")) if directory.exists() else []
+
+    def read_table(self, table: str) -> pl.DataFrame:
+        with self.connect() as connection:
+            return connection.sql(f"SELECT * FROM {table}").pl()
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB with the views; it reads Parquet only, so it never locks the pipeline out."""
+        connection = duckdb.connect(":memory:")
+        for name, sql in self.view_definitions().items():
+            connection.execute(f"CREATE VIEW {name} AS {sql}")
+        return connection
+
+    def view_definitions(self) -> dict[str, str]:
+        """`CREATE VIEW name AS <sql>` bodies, also written to views.sql for the DuckDB CLI."""
+        from qa_pipeline.core.chunking import CHUNK_SCHEMA  # chunking owns the chunk schema
+
+        schemas = {
+            "chunks": CHUNK_SCHEMA,
+            "qa_pairs": QA_PAIRS_SCHEMA,
+            "failures": FAILURES_SCHEMA,
+            "benchmark_runs": BENCHMARK_SCHEMA,
+        }
+        return {name: self._view_sql(name, schema) for name, schema in schemas.items()}
+
+    def _view_sql(self, table: str, schema: dict[str, pl.DataType]) -> str:
+        if self.partition_files(table):
+            pattern = str(self.layout.table_dir(table) / "*.parquet").replace("'", "''")
+            return f"SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
+        # No file yet: an empty view with the right columns, so queries work from the start.
+        empty = pl.DataFrame(schema=schema)
+        columns = ", ".join(
+            f"CAST(NULL AS {_duckdb_type(dtype)}) AS {name}" for name, dtype in empty.schema.items()
+        )
+        return f"SELECT {columns} WHERE false"
+
+    def query(self, sql: str) -> pl.DataFrame:
+        with self.connect() as connection:
+            return connection.sql(sql).pl()
+
+    def iter_documents_with_outputs(self) -> Iterator[str]:
+        frame = self.query("SELECT DISTINCT document FROM chunks ORDER BY document")
+        yield from frame["document"].to_list()
+
+
+def _duckdb_type(dtype: pl.DataType) -> str:
+    mapping = {
+        pl.String: "VARCHAR",
+        pl.Int32: "INTEGER",
+        pl.Int64: "BIGINT",
+        pl.Float64: "DOUBLE",
+        pl.Boolean: "BOOLEAN",
+    }
+    if isinstance(dtype, pl.Datetime):
+        return "TIMESTAMPTZ"
+    if isinstance(dtype, pl.List):
+        return f"{_duckdb_type(dtype.inner)}[]"
+    for polars_type, sql_type in mapping.items():
+        if isinstance(dtype, polars_type):
+            return sql_type
+    raise TypeError(f"no DuckDB type for {dtype}")
+
+
+def to_json_text(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
