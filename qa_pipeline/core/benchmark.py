@@ -15,7 +15,7 @@ import polars as pl
 from qa_pipeline.core.client import LLMClient, ServerMetrics
 from qa_pipeline.core.generation import GenerationSettings
 from qa_pipeline.core.prompts import ParseError, parse_pairs, response_format
-from qa_pipeline.core.storage import BENCHMARK_SCHEMA
+from qa_pipeline.core.storage import BENCHMARK_SCHEMA, Storage
 
 DEFAULT_LEVELS: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
 
@@ -220,3 +220,11 @@ def plot_sweep(frame: pl.DataFrame, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def latest_recommendation(storage: Storage) -> int | None:
+    """The level recommended by the most recent benchmark run, if any."""
+    frame = storage.query(
+        "SELECT concurrency FROM benchmark_runs WHERE recommended ORDER BY started_at DESC LIMIT 1"
+    )
+    return int(frame["concurrency"][0]) if frame.height else None

@@ -31,9 +31,10 @@ class DataLayout:
     sources_override: Path | None = None
 
     @classmethod
-    def from_env(cls) -> DataLayout:
-        root = Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser().absolute()
-        sources = os.environ.get(SOURCES_DIR_ENV)
+    def from_env(cls, data_dir: str | Path | None = None, sources_dir: str | Path | None = None) -> DataLayout:
+        """Explicit arguments win over QA_PIPELINE_DATA_DIR / QA_PIPELINE_SOURCES_DIR, then ./data."""
+        root = Path(data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser().absolute()
+        sources = sources_dir or os.environ.get(SOURCES_DIR_ENV)
         return cls(root=root, sources_override=Path(sources).expanduser().absolute() if sources else None)
 
     @property

@@ -103,6 +103,9 @@ _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 
 def _json_candidate(content: str) -> str:
     """The JSON text inside an answer: strips code fences and prose around the outer object."""
+    stripped = content.strip()
+    if stripped[:1] in ("{", "["):
+        return stripped
     fenced = _FENCE.search(content)
     if fenced:
         return fenced.group(1).strip()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
@@ -282,10 +281,6 @@ class Storage:
         with self.connect() as connection:
             return connection.sql(sql).pl()
 
-    def iter_documents_with_outputs(self) -> Iterator[str]:
-        frame = self.query("SELECT DISTINCT document FROM chunks ORDER BY document")
-        yield from frame["document"].to_list()
-
 
 def _duckdb_type(dtype: pl.DataType) -> str:
     mapping = {
@@ -304,6 +299,3 @@ def _duckdb_type(dtype: pl.DataType) -> str:
             return sql_type
     raise TypeError(f"no DuckDB type for {dtype}")
 
-
-def to_json_text(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)

@@ -1,0 +1,1 @@
+"""Dagster definitions for qa_pipeline, loaded by `load_from_defs_folder`."""

@@ -1,0 +1,237 @@
+"""The asset graph: source documents → chunks → test sample → concurrency benchmark → QA pairs → report."""
+
+from __future__ import annotations
+
+import dagster as dg
+import polars as pl
+
+from qa_pipeline.core import benchmark as bench
+from qa_pipeline.core.chunking import chunk_document, chunks_to_frame
+from qa_pipeline.core.concurrency import FixedLimit
+from qa_pipeline.core.documents import DocumentError, discover_documents, read_document
+from qa_pipeline.core.generation import ChunkTask, GenerationSettings, Generator
+from qa_pipeline.core.prompts import DEFAULT_QUESTION_TYPES, PROMPT_VERSION, build_messages
+from qa_pipeline.core.report import build_report, to_markdown_table
+from qa_pipeline.core.sampling import stratified_sample
+from qa_pipeline.core.storage import results_to_frames, write_parquet_atomic, write_text_atomic
+from qa_pipeline.defs.partitions import documents
+from qa_pipeline.defs.resources import LLMResource, StorageResource
+
+DEFAULT_CONCURRENCY = 16
+
+
+class ChunkingConfig(dg.Config):
+    target_tokens: int = 400
+    overlap_tokens: int = 50
+
+
+class SampleConfig(dg.Config):
+    size: int = 100
+    seed: int = 0
+
+
+class GenerationConfig(dg.Config):
+    max_tokens: int = 1024
+    temperature: float = 0.0
+    question_types: list[str] = list(DEFAULT_QUESTION_TYPES)
+
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(
+            question_types=tuple(self.question_types), max_tokens=self.max_tokens, temperature=self.temperature
+        )
+
+
+class BenchmarkConfig(GenerationConfig):
+    levels: list[int] = list(bench.DEFAULT_LEVELS)
+    max_seconds_per_level: float = 300.0
+    tolerance: float = 0.05
+
+
+class QAPairsConfig(GenerationConfig):
+    concurrency: int | None = None  # None: the benchmark's recommended level
+    failure_threshold: float = 0.05
+    stall_timeout_s: float = 900.0
+    progress_interval_s: float = 10.0
+    force_regenerate: bool = False
+
+
+@dg.observable_source_asset(partitions_def=documents, description="Files under the sources folder, by content hash.")
+def source_documents(storage: StorageResource) -> dg.DataVersionsByPartition:
+    return dg.DataVersionsByPartition(
+        {source.key: source.content_hash for source in discover_documents(storage.layout.sources_dir)}
+    )
+
+
+@dg.asset(partitions_def=documents, deps=[source_documents], code_version="chunking-v1")
+def chunks(context: dg.AssetExecutionContext, config: ChunkingConfig, storage: StorageResource) -> dg.MaterializeResult:
+    """Structure-aware chunks of one document (pre-chunked JSONL passes through)."""
+    document = context.partition_key
+    sources = {s.key: s for s in discover_documents(storage.layout.sources_dir)}
+    if document not in sources:
+        raise dg.Failure(
+            f"document {document!r} is not in {storage.layout.sources_dir}; it was moved or deleted"
+        )
+    try:
+        parsed = read_document(sources[document])
+        chunk_list = chunk_document(parsed, target_tokens=config.target_tokens, overlap_tokens=config.overlap_tokens)
+    except DocumentError as error:
+        raise dg.Failure(description=str(error), metadata={"file": str(sources[document].path)}) from None
+    if not chunk_list:
+        raise dg.Failure(f"{sources[document].path}: no text to chunk (the document is empty after parsing)")
+    frame = chunks_to_frame(chunk_list)
+    path = storage.storage.write_partition("chunks", document, frame)
+    for warning in getattr(parsed, "warnings", []) or []:
+        context.log.warning(f"{sources[document].path}: {warning}")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": frame.height,
+            "tokens_total": int(frame["n_tokens"].sum()),
+            "tokens_max": int(frame["n_tokens"].max()),
+            "path": dg.MetadataValue.path(str(path)),
+            "content_hash": sources[document].content_hash,
+            "preview": dg.MetadataValue.md(to_markdown_table(frame.select("chunk_id", "heading_path", "n_tokens").head(10))),
+        },
+        data_version=dg.DataVersion(sources[document].content_hash),
+    )
+
+
+@dg.asset(deps=[chunks], code_version="sample-v1")
+def test_sample(context: dg.AssetExecutionContext, config: SampleConfig, storage: StorageResource) -> dg.MaterializeResult:
+    """A seeded sample stratified by service (or document) for the concurrency benchmark."""
+    all_chunks = storage.storage.read_table("chunks")
+    if all_chunks.height == 0:
+        raise dg.Failure("no chunks yet: materialize `chunks` for at least one document first")
+    sample = stratified_sample(all_chunks, size=config.size, seed=config.seed)
+    write_parquet_atomic(sample, storage.layout.test_sample_file)
+    by_stratum = sample.group_by("stratum").len().sort("stratum")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": sample.height,
+            "strata": by_stratum.height,
+            "per_stratum": dg.MetadataValue.md(to_markdown_table(by_stratum)),
+        }
+    )
+
+
+@dg.asset(deps=[test_sample], pool="llm_server")
+async def concurrency_benchmark(
+    context: dg.AssetExecutionContext, config: BenchmarkConfig, llm: LLMResource, storage: StorageResource
+) -> dg.MaterializeResult:
+    """Sweeps concurrency levels on the test sample; recommends the level `qa_pairs` uses."""
+    sample = pl.read_parquet(storage.layout.test_sample_file)
+    prompts = [
+        build_messages(row["content"], row["heading_path"], tuple(config.question_types))
+        for row in sample.iter_rows(named=True)
+    ]
+    results = await bench.sweep(
+        llm.client, prompts, config.levels, config.settings(), config.max_seconds_per_level, log=context.log.info
+    )
+    recommended = bench.recommend_level(results, tolerance=config.tolerance)
+    frame = bench.results_frame(
+        results, context.run_id, llm.client.model or "", llm.client.endpoints[0].base_url, recommended
+    )
+    storage.storage.write_partition("benchmark_runs", context.run_id, frame)
+    plot = bench.plot_sweep(frame, storage.layout.report_dir / "concurrency_benchmark.png")
+    table = frame.select(
+        "concurrency", "requests_per_s", "output_tokens_per_s", "success_rate",
+        "latency_p50_s", "latency_p95_s", "latency_p99_s",
+        "server_running_max", "server_waiting_max", "kv_cache_usage_max",
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "recommended_concurrency": recommended,
+            "best_output_tokens_per_s": float(frame["output_tokens_per_s"].max()),
+            "server_metrics_read": any(r.has_vllm_metrics for r in results),
+            "levels": dg.MetadataValue.md(to_markdown_table(table)),
+            "plot": dg.MetadataValue.md(_inline_png(plot)),
+            "plot_path": dg.MetadataValue.path(str(plot)),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=documents,
+    deps=[chunks, concurrency_benchmark],
+    code_version=PROMPT_VERSION,
+    pool="llm_server",
+)
+async def qa_pairs(
+    context: dg.AssetExecutionContext, config: QAPairsConfig, llm: LLMResource, storage: StorageResource
+) -> dg.MaterializeResult:
+    """QA pairs for every chunk of one document; failures are recorded, and fail the partition above a threshold."""
+    document = context.partition_key
+    chunk_frame = storage.storage.read_partition("chunks", document)
+    if chunk_frame is None:
+        raise dg.Failure(f"no chunks for {document!r}: materialize `chunks` for this partition first")
+    tasks = [
+        ChunkTask(document, row["chunk_id"], row["content"], tuple(row["heading_path"]))
+        for row in chunk_frame.iter_rows(named=True)
+    ]
+    concurrency = config.concurrency or bench.latest_recommendation(storage.storage)
+    if concurrency is None:
+        concurrency = DEFAULT_CONCURRENCY
+        context.log.warning(
+            f"no concurrency benchmark yet and no concurrency configured: using {DEFAULT_CONCURRENCY}"
+        )
+    generator = Generator(
+        llm.client,
+        storage.layout,
+        config.settings(),
+        FixedLimit(concurrency),
+        log=context.log.info,
+        progress_interval_s=config.progress_interval_s,
+        stall_timeout_s=config.stall_timeout_s,
+        force=config.force_regenerate,
+    )
+    report = await generator.run(tasks)
+    pairs, failures = results_to_frames(report.results[document])
+    storage.storage.write_partition("qa_pairs", document, pairs)
+    storage.storage.write_partition("failures", document, failures)
+    failure_rate = report.failure_rate(document)
+    metadata = {
+        "dagster/row_count": pairs.height,
+        "chunks": len(tasks),
+        "chunks_failed": failures.height,
+        "failure_rate": failure_rate,
+        "requests_sent": report.sent,
+        "chunks_from_cache": report.cached,
+        "concurrency": concurrency,
+        "output_tokens_per_s": report.output_tokens_per_s,
+        "duration_s": report.duration_s,
+        "failures_by_reason": dg.MetadataValue.json(
+            failures.group_by("reason").len().sort("reason").to_dicts() if failures.height else []
+        ),
+    }
+    if failure_rate > config.failure_threshold:
+        raise dg.Failure(
+            description=(
+                f"{failures.height} of {len(tasks)} chunks of {document!r} failed ({failure_rate:.1%} > "
+                f"threshold {config.failure_threshold:.1%}). Finished chunks are saved; re-run this "
+                "partition to retry only the failed chunks."
+            ),
+            metadata=metadata,
+        )
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(deps=[qa_pairs], code_version="report-v1")
+def quality_report(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    """Counts, success rate, failures by reason, question types, latency and throughput over all documents."""
+    report = build_report(storage.storage)
+    markdown = report.markdown()
+    path = storage.layout.report_dir / "quality_report.md"
+    write_text_atomic(markdown, path)
+    return dg.MaterializeResult(
+        metadata={
+            **{f"summary/{k}": v for k, v in report.summary.items() if isinstance(v, (int, float))},
+            "report": dg.MetadataValue.md(markdown),
+            "path": dg.MetadataValue.path(str(path)),
+        }
+    )
+
+
+def _inline_png(path) -> str:
+    import base64
+
+    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f"![concurrency sweep](data:image/png;base64,{encoded})"

@@ -1,0 +1,160 @@
+"""`qa-pipeline run`: materializes the asset graph on the persistent Dagster instance, document by document."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import dagster as dg
+
+from qa_pipeline.core.documents import discover_documents
+from qa_pipeline.core.layout import DataLayout
+from qa_pipeline.core.report import build_report
+from qa_pipeline.core.storage import Storage
+from qa_pipeline.defs import assets
+from qa_pipeline.defs.partitions import documents as documents_partitions
+from qa_pipeline.defs.resources import BASE_URL_ENV, LLMResource, StorageResource
+
+ALL_ASSETS = [
+    assets.source_documents,
+    assets.chunks,
+    assets.test_sample,
+    assets.concurrency_benchmark,
+    assets.qa_pairs,
+    assets.quality_report,
+]
+
+
+@dataclass
+class PipelineOptions:
+    documents: list[str] | None = None
+    limit: int | None = None
+    concurrency: int | None = None
+    levels: list[int] | None = None
+    sample_size: int = 100
+    max_tokens: int = 1024
+    skip_benchmark: bool = False
+    force_regenerate: bool = False
+
+
+@dataclass
+class PipelineOutcome:
+    succeeded: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    report_markdown: str = ""
+
+
+def sync_document_partitions(instance: dg.DagsterInstance, layout: DataLayout) -> tuple[list[str], list[str]]:
+    """Adds a partition per new document and removes (with its outputs) each deleted one."""
+    present = [s.key for s in discover_documents(layout.sources_dir)]
+    known = set(instance.get_dynamic_partitions(documents_partitions.name))
+    added = [k for k in present if k not in known]
+    removed = sorted(known - set(present))
+    if added:
+        instance.add_dynamic_partitions(documents_partitions.name, added)
+    storage = Storage(layout)
+    for key in removed:
+        instance.delete_dynamic_partition(documents_partitions.name, key)
+        storage.delete_partition(key)
+    return added, removed
+
+
+def _run_config(options: PipelineOptions) -> dict:
+    generation = {"max_tokens": options.max_tokens}
+    benchmark = dict(generation)
+    if options.levels:
+        benchmark["levels"] = options.levels
+    qa = dict(generation, force_regenerate=options.force_regenerate)
+    if options.concurrency:
+        qa["concurrency"] = options.concurrency
+    return {
+        "ops": {
+            "test_sample": {"config": {"size": options.sample_size}},
+            "concurrency_benchmark": {"config": benchmark},
+            "qa_pairs": {"config": qa},
+        },
+        "loggers": {"console": {"config": {"log_level": "INFO"}}},
+    }
+
+
+def _failure_message(result: dg.ExecuteInProcessResult) -> str:
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+            error = event.step_failure_data.error
+            user = error.cause or error
+            return user.message.strip().splitlines()[-1] if user.message else error.message
+    return "the run failed (see the Dagster logs)"
+
+
+def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[str], None]) -> PipelineOutcome:
+    instance = dg.DagsterInstance.get()
+    added, removed = sync_document_partitions(instance, layout)
+    if added or removed:
+        log(f"documents: {len(added)} new, {len(removed)} removed")
+    keys = [s.key for s in discover_documents(layout.sources_dir)]
+    selected = [k for k in keys if not options.documents or any(fnmatch.fnmatch(k, p) for p in options.documents)]
+    selected = selected[: options.limit] if options.limit else selected
+    if not selected:
+        raise SystemExit(f"qa-pipeline run: no documents to process in {layout.sources_dir}")
+    log(f"qa-pipeline run: {len(selected)} documents from {layout.sources_dir}")
+
+    outcome = PipelineOutcome()
+    resources = {
+        "llm": LLMResource(data_dir=str(layout.root)),
+        "storage": StorageResource(data_dir=str(layout.root), sources_dir=str(layout.sources_dir)),
+    }
+    run_config = _run_config(options)
+
+    def materialize(selection: list, partition_key: str | None = None) -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            ALL_ASSETS,
+            selection=selection,
+            partition_key=partition_key,
+            instance=instance,
+            resources=resources,
+            run_config={**run_config, "ops": {k: v for k, v in run_config["ops"].items() if _selected(k, selection)}},
+            raise_on_error=False,
+            tags={"qa_pipeline/launched_by": "cli"},
+        )
+
+    with ExitStack() as stack:
+        if not os.environ.get(BASE_URL_ENV):
+            from qa_pipeline.core.embedded import embedded_server_for_cli
+
+            stack.enter_context(embedded_server_for_cli(layout, log))
+
+        chunked = []
+        for index, key in enumerate(selected, start=1):
+            result = materialize([assets.chunks], key)
+            if result.success:
+                chunked.append(key)
+            else:
+                outcome.failed[key] = _failure_message(result)
+            log(f"chunks: {index}/{len(selected)} documents ({len(outcome.failed)} failed)")
+        if not chunked:
+            return outcome
+
+        if not options.skip_benchmark:
+            result = materialize([assets.test_sample, assets.concurrency_benchmark])
+            if not result.success:
+                outcome.failed["concurrency_benchmark"] = _failure_message(result)
+                return outcome
+
+        for index, key in enumerate(chunked, start=1):
+            result = materialize([assets.qa_pairs], key)
+            if result.success:
+                outcome.succeeded.append(key)
+            else:
+                outcome.failed[key] = _failure_message(result)
+            log(f"qa_pairs: {index}/{len(chunked)} documents ({len(outcome.failed)} failed)")
+
+        materialize([assets.quality_report])
+    outcome.report_markdown = build_report(Storage(layout)).markdown()
+    return outcome
+
+
+def _selected(op_name: str, selection: list) -> bool:
+    return any(a.key.to_user_string() == op_name for a in selection)
