@@ -1,0 +1,612 @@
+"""Find source documents under the sources folder and read each one into text or pre-chunked records."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_SUFFIXES = (".md", ".rst", ".txt", ".html", ".htm", ".jsonl")
+
+_HASH_BLOCK = 1 << 20
+# Share of control bytes (other than tab, newlines, form feed) above which a file is not text.
+_CONTROL_RATIO = 0.10
+_CONTROL_SAMPLE = 1 << 16
+_CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\r\f\v") + b"\x7f"
+# Problems listed in a JSONL error before "and N more".
+_LISTED_PROBLEMS = 5
+
+
+class DocumentFormat(StrEnum):
+    """How a document's text is structured; chosen by its suffix."""
+
+    MARKDOWN = "markdown"
+    RST = "rst"
+    TEXT = "text"
+    HTML = "html"
+    JSONL = "jsonl"
+
+
+_FORMAT_BY_SUFFIX = {
+    ".md": DocumentFormat.MARKDOWN,
+    ".rst": DocumentFormat.RST,
+    ".txt": DocumentFormat.TEXT,
+    ".html": DocumentFormat.HTML,
+    ".htm": DocumentFormat.HTML,
+    ".jsonl": DocumentFormat.JSONL,
+}
+
+
+class DocumentError(Exception):
+    """A source document cannot be used; the message names the file, the problem and the fix."""
+
+    def __init__(self, path: Path | str, problem: str, remedy: str):
+        super().__init__(f"{path}: {problem}. {remedy}")
+        self.path = Path(path)
+        self.problem = problem
+        self.remedy = remedy
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file found under the sources folder; `key` is its Dagster partition key."""
+
+    key: str
+    path: Path
+    size: int
+    content_hash: str
+    suffix: str
+
+    @property
+    def supported(self) -> bool:
+        return self.suffix in _FORMAT_BY_SUFFIX
+
+    @classmethod
+    def from_path(cls, path: Path, key: str | None = None) -> SourceFile:
+        """Describe one file directly; the key defaults to the file name."""
+        path = Path(path)
+        return cls(
+            key=partition_key(key if key is not None else path.name),
+            path=path,
+            size=path.stat().st_size,
+            content_hash=_file_sha256(path),
+            suffix=path.suffix.lower(),
+        )
+
+
+@dataclass(frozen=True)
+class PrechunkedRecord:
+    """One line of a pre-chunked JSONL file: its text and metadata, passed through chunking as-is."""
+
+    line_number: int
+    content: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SkippedLine:
+    """A JSONL line that was left out, and why."""
+
+    line_number: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line_number}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Document:
+    """A document ready to chunk: `text` (Markdown for HTML input) or, for JSONL, `records`."""
+
+    key: str
+    path: Path
+    format: DocumentFormat
+    content_hash: str
+    text: str = ""
+    records: tuple[PrechunkedRecord, ...] = ()
+    skipped_lines: tuple[SkippedLine, ...] = field(default=())
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What a user should be told although the document was read, e.g. "line 7: not valid JSON (...)"."""
+        return tuple(str(line) for line in self.skipped_lines)
+
+
+# Dagster rejects partition keys containing "..." or control characters (and its UI
+# cannot show them). Such characters are percent-encoded ("%0A", "%2E%2E%2E"); a "%"
+# that already looks like an escape becomes "%25", so the mapping stays one-to-one and
+# urllib.parse.unquote gives the name back. Names that need none of this are unchanged.
+# Undecodable bytes in file names (surrogate escapes) are encoded the same way.
+_KEY_ESCAPE = re.compile(r"%(?=[0-9A-Fa-f]{2})|[\x00-\x1f\x7f-\x9f\udc80-\udcff]|\.{3,}")
+
+
+def _escape_key_part(match: re.Match[str]) -> str:
+    text = match.group()
+    if text == "%":
+        return "%25"
+    if text[0] == ".":
+        return "%2E" * len(text)
+    code = ord(text)
+    if code >= 0xDC00:  # an undecodable byte of the file name, kept by surrogateescape
+        return f"%{code - 0xDC00:02X}"
+    return "".join(f"%{byte:02X}" for byte in text.encode("utf-8"))
+
+
+def partition_key(relative_path: str) -> str:
+    """The partition key for a POSIX relative path: the path itself unless Dagster would reject it."""
+    return _KEY_ESCAPE.sub(_escape_key_part, relative_path)
+
+
+def discover_documents(sources_dir: Path) -> list[SourceFile]:
+    """Every non-hidden file under `sources_dir`, sorted by key.
+
+    Files with unsupported suffixes are listed too (`supported` is False) so that
+    reading them raises a DocumentError naming the file instead of silently skipping it.
+    """
+    sources_dir = Path(sources_dir)
+    if not sources_dir.is_dir():
+        raise DocumentError(
+            sources_dir,
+            "the sources folder does not exist or is not a folder",
+            "Create it and put your documents in it, or point QA_PIPELINE_SOURCES_DIR at your documents.",
+        )
+    found: list[SourceFile] = []
+    for folder, dirnames, filenames in os.walk(sources_dir):
+        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
+        relative_folder = Path(folder).relative_to(sources_dir)
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(folder) / name
+            if not path.is_file():  # broken symlinks, sockets, fifos
+                continue
+            relative = (relative_folder / name).as_posix()
+            found.append(
+                SourceFile(
+                    key=partition_key(relative),
+                    path=path,
+                    size=path.stat().st_size,
+                    content_hash=_file_sha256(path),
+                    suffix=path.suffix.lower(),
+                )
+            )
+    found.sort(key=lambda source: source.key)
+    return found
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while block := stream.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_document(source: SourceFile | Path) -> Document:
+    """Read and validate one source file; raises DocumentError for anything unusable."""
+    if not isinstance(source, SourceFile):
+        source = SourceFile.from_path(Path(source))
+    path = source.path
+    document_format = _FORMAT_BY_SUFFIX.get(source.suffix)
+    if document_format is None:
+        shown = f'"{source.suffix}"' if source.suffix else "no suffix"
+        raise DocumentError(
+            path,
+            f"unsupported file type ({shown})",
+            f"Supported types are {', '.join(SUPPORTED_SUFFIXES)}; convert the file to one of them, "
+            "rename it if it already is one, or move it out of the sources folder.",
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DocumentError(path, f"cannot be read ({error.strerror})", "Check that it exists and is readable.")
+    _check_is_text(path, data, whole_file=document_format is not DocumentFormat.JSONL)
+    content_hash = hashlib.sha256(data).hexdigest()
+    if document_format is DocumentFormat.JSONL:
+        records, skipped = _read_jsonl(path, data)
+        return Document(
+            key=source.key,
+            path=path,
+            format=document_format,
+            content_hash=content_hash,
+            records=records,
+            skipped_lines=skipped,
+        )
+    text = _normalize_newlines(_decode_utf8(path, data))
+    if document_format is DocumentFormat.HTML:
+        text = html_to_markdown(text)
+        if not text.strip():
+            raise DocumentError(
+                path, "contains no text once the HTML markup is removed", "Check that it is the page you meant."
+            )
+    return Document(key=source.key, path=path, format=document_format, content_hash=content_hash, text=text)
+
+
+_MAGIC = (
+    (b"%PDF-", "a PDF file", "Convert it to Markdown or plain text first"),
+    (b"PK\x03\x04", "a ZIP archive (or a .docx/.xlsx/.odt file)", "Unpack or export it to Markdown or text first"),
+    (b"\x1f\x8b", "a gzip-compressed file", "Decompress it first"),
+    (b"\xd0\xcf\x11\xe0", "an old Microsoft Office file", "Export it to Markdown or plain text first"),
+)
+
+
+_BINARY_REMEDY = (
+    "Only text documents can be used: convert it to Markdown or plain text, or remove it from the sources folder."
+)
+
+
+def _check_is_text(path: Path, data: bytes, whole_file: bool) -> None:
+    """Reject empty and binary files. A NUL byte anywhere makes a document binary; a JSONL
+    file is judged by its start only, so that one corrupt line costs only that line."""
+    if not data.strip():
+        what = "is empty" if not data else "contains only whitespace"
+        raise DocumentError(path, what, "Add content to it or remove it from the sources folder.")
+    for magic, what, remedy in _MAGIC:
+        if data.startswith(magic):
+            raise DocumentError(path, f"is {what}, not text", f"{remedy}, or remove it from the sources folder.")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DocumentError(
+            path,
+            "is UTF-16 encoded",
+            "Re-save it as UTF-8 (for example `iconv -f utf-16 -t utf-8`); "
+            "UTF-8 with or without a byte-order mark is fine.",
+        )
+    nul = data.find(b"\x00", 0, None if whole_file else _CONTROL_SAMPLE)
+    if nul != -1:
+        raise DocumentError(
+            path,
+            f"looks binary, not text (NUL byte at byte offset {nul})",
+            _BINARY_REMEDY,
+        )
+    sample = data[:_CONTROL_SAMPLE]
+    controls = len(sample) - len(sample.translate(None, _CONTROL_BYTES))
+    if controls > _CONTROL_RATIO * len(sample):
+        raise DocumentError(
+            path,
+            f"looks binary, not text ({controls} control bytes in the first {len(sample)})",
+            _BINARY_REMEDY,
+        )
+
+
+def _decode_utf8(path: Path, data: bytes, line_offset: int = 0) -> str:
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = bom + error.start
+        line = data.count(b"\n", 0, offset) + 1 + line_offset
+        raise DocumentError(
+            path,
+            f"is not valid UTF-8: byte 0x{data[offset]:02X} at byte offset {offset} (line {line}) "
+            "cannot be decoded",
+            "Re-save it as UTF-8 (for example `iconv -f latin1 -t utf-8 IN > OUT`); "
+            "UTF-8 with a byte-order mark is fine.",
+        ) from None
+
+
+def _normalize_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def _read_jsonl(path: Path, data: bytes) -> tuple[tuple[PrechunkedRecord, ...], tuple[SkippedLine, ...]]:
+    """Good records and the lines that were skipped; fails only when no line is a valid record."""
+    records: list[PrechunkedRecord] = []
+    skipped: list[SkippedLine] = []
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    offset = 0
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        line_start = offset
+        offset += len(raw) + 1
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            skipped.append(SkippedLine(number, f"not valid UTF-8 (byte offset {line_start + error.start})"))
+            continue
+        record = _parse_record(line)
+        if isinstance(record, str):
+            skipped.append(SkippedLine(number, record))
+        else:
+            content, metadata = record
+            records.append(PrechunkedRecord(line_number=number, content=content, metadata=metadata))
+    if not records:
+        listed = "; ".join(str(problem) for problem in skipped[:_LISTED_PROBLEMS])
+        more = f" (and {len(skipped) - _LISTED_PROBLEMS} more)" if len(skipped) > _LISTED_PROBLEMS else ""
+        raise DocumentError(
+            path,
+            f"has no valid record: {listed}{more}",
+            'Each line must be a JSON object with a string "content" and an optional "metadata" object, '
+            'for example {"content": "...", "metadata": {"service": "billing"}}.',
+        )
+    return tuple(records), tuple(skipped)
+
+
+def _parse_record(line: str) -> tuple[str, dict[str, Any]] | str:
+    """(content, metadata) for a valid line, else the reason it is not valid."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as error:
+        return f"not valid JSON ({error.msg} at column {error.colno})"
+    if not isinstance(value, dict):
+        return f"is a JSON {_json_type(value)}, not an object"
+    if "content" not in value:
+        return 'has no "content" field'
+    content = value["content"]
+    if not isinstance(content, str):
+        return f'"content" is a JSON {_json_type(content)}, not a string'
+    if not content.strip():
+        return '"content" is empty'
+    nested = value.get("metadata")
+    if nested is None:
+        nested = {}
+    if not isinstance(nested, dict):
+        return f'"metadata" is a JSON {_json_type(nested)}, not an object'
+    # Some exports put fields such as "service" next to "content"; the nested value wins.
+    metadata = {key: item for key, item in value.items() if key not in ("content", "metadata")}
+    metadata.update(nested)
+    return content, metadata
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+# --- HTML -------------------------------------------------------------------------
+
+_HTML_SKIPPED = {"script", "style", "noscript", "template", "svg", "title"}
+_HTML_BLOCKS = {
+    "p", "div", "section", "article", "main", "header", "footer", "aside", "nav", "blockquote",
+    "ul", "ol", "dl", "dt", "dd", "figure", "figcaption", "form", "hr", "address", "details",
+    "summary", "body", "html", "fieldset", "center",
+}  # fmt: skip
+_HTML_HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
+_SPACES = re.compile(r"[ \t\n\r\f\v]+")
+# Paragraph lines that the Markdown chunker would take for a heading, a fence or a rule.
+_MARKDOWN_LOOKALIKE = re.compile(r"^(?:#{1,6}(?=[ \t]|$)|```|~~~|[-=*_]{3,}[ \t]*$)", re.MULTILINE)
+_LINE_BREAK = "\x00"  # <br>; NUL cannot occur in an HTML document that passed the binary check
+
+
+def html_to_markdown(html: str) -> str:
+    """Markdown text of an HTML page: headings, paragraphs, lists, `pre` blocks and pipe tables."""
+    converter = _HtmlToMarkdown()
+    for start in range(0, len(html), _HASH_BLOCK):
+        converter.feed(html[start : start + _HASH_BLOCK])
+    converter.close()
+    return converter.markdown()
+
+
+@dataclass
+class _Table:
+    rows: list[list[str]] = field(default_factory=list)
+    row: list[str] | None = None
+    cell: list[str] | None = None
+    caption: list[str] = field(default_factory=list)
+
+
+class _HtmlToMarkdown(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self._blocks: list[str] = []
+        self._inline: list[str] = []
+        self._skip_depth = 0
+        self._pre: list[str] | None = None
+        self._pre_language = ""
+        self._heading_level = 0
+        self._tables: list[_Table] = []
+        self._lists: list[list[int]] = []  # one [ordered, counter] per open list
+        self._item_prefix = ""
+
+    def markdown(self) -> str:
+        self._flush_inline()
+        while self._tables:
+            self._end_table()
+        if self._pre is not None:
+            self._end_pre()
+        return "\n\n".join(self._blocks) + ("\n" if self._blocks else "")
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _HTML_SKIPPED:
+            self._skip_depth += 1
+            return
+        if self._skip_depth:
+            return
+        if self._pre is not None:
+            if tag == "code" and not self._pre_language:
+                self._pre_language = _code_language(attrs)
+            return
+        if self._tables and tag != "table":
+            if tag in ("tr", "td", "th"):
+                self._table_start_tag(tag)
+            elif tag == "br":
+                self._text(" ")
+            return
+        if tag == "br":
+            self._inline.append(_LINE_BREAK)
+        elif tag in _HTML_HEADINGS:
+            self._flush_inline()
+            self._heading_level = _HTML_HEADINGS[tag]
+        elif tag == "pre":
+            self._flush_inline()
+            self._pre = []
+            self._pre_language = _code_language(attrs)
+        elif tag in ("ul", "ol"):
+            self._flush_inline()
+            self._lists.append([tag == "ol", 0])
+        elif tag == "li":
+            self._flush_inline()
+            depth = max(len(self._lists), 1)
+            marker = "-"
+            if self._lists and self._lists[-1][0]:
+                self._lists[-1][1] += 1
+                marker = f"{self._lists[-1][1]}."
+            self._item_prefix = "  " * (depth - 1) + marker + " "
+        elif tag == "table":
+            self._flush_inline()
+            self._tables.append(_Table())
+        elif tag in _HTML_BLOCKS:
+            self._flush_inline()
+        elif tag == "code":
+            self._inline.append("`")
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in _HTML_SKIPPED:
+            self.handle_starttag(tag, attrs)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _HTML_SKIPPED:
+            self._skip_depth = max(self._skip_depth - 1, 0)
+            return
+        if self._skip_depth:
+            return
+        if self._pre is not None:
+            if tag == "pre":
+                self._end_pre()
+            return
+        if self._tables:
+            self._table_end_tag(tag)
+            return
+        if tag in _HTML_HEADINGS:
+            self._flush_inline()
+            self._heading_level = 0
+        elif tag in ("ul", "ol"):
+            self._flush_inline()
+            if self._lists:
+                self._lists.pop()
+        elif tag in _HTML_BLOCKS or tag == "li":
+            self._flush_inline()
+        elif tag == "code":
+            self._inline.append("`")
+
+    def handle_data(self, data: str) -> None:
+        if self._skip_depth:
+            return
+        if self._pre is not None:
+            self._pre.append(data)
+        else:
+            self._text(data)
+
+    def _text(self, data: str) -> None:
+        if self._tables:
+            table = self._tables[-1]
+            (table.cell if table.cell is not None else table.caption).append(data)
+        else:
+            self._inline.append(data)
+
+    def _table_start_tag(self, tag: str) -> None:
+        table = self._tables[-1]
+        if tag == "tr":
+            self._end_row(table)
+            table.row = []
+        elif tag in ("td", "th"):
+            self._end_cell(table)
+            if table.row is None:
+                table.row = []
+            table.cell = []
+
+    def _table_end_tag(self, tag: str) -> None:
+        table = self._tables[-1]
+        if tag in ("td", "th"):
+            self._end_cell(table)
+        elif tag == "tr":
+            self._end_row(table)
+        elif tag == "table":
+            self._end_table()
+
+    def _end_cell(self, table: _Table) -> None:
+        if table.cell is not None:
+            text = _SPACES.sub(" ", "".join(table.cell)).strip().replace("|", "\\|")
+            if table.row is None:
+                table.row = []
+            table.row.append(text)
+            table.cell = None
+
+    def _end_row(self, table: _Table) -> None:
+        self._end_cell(table)
+        if table.row:
+            table.rows.append(table.row)
+        table.row = None
+
+    def _end_table(self) -> None:
+        table = self._tables.pop()
+        self._end_row(table)
+        caption = _SPACES.sub(" ", "".join(table.caption)).strip()
+        if self._tables:  # a table inside a cell becomes text of that cell
+            flat = "; ".join(", ".join(cell for cell in row if cell) for row in table.rows)
+            self._text(" ".join(part for part in (caption, flat) if part))
+            return
+        if caption:
+            self._blocks.append(_escape_markdown(caption))
+        if table.rows:
+            self._blocks.append(_pipe_table(table.rows))
+
+    def _end_pre(self) -> None:
+        text = "".join(self._pre or [])
+        self._pre = None
+        if text.startswith("\n"):  # HTML ignores a newline right after <pre>
+            text = text[1:]
+        text = text.rstrip()
+        if text.strip():
+            fence = "```"
+            while fence in text:
+                fence += "`"
+            self._blocks.append(f"{fence}{self._pre_language}\n{text}\n{fence}")
+        self._pre_language = ""
+
+    def _flush_inline(self) -> None:
+        raw = "".join(self._inline)
+        self._inline = []
+        lines = [_SPACES.sub(" ", part).strip() for part in raw.split(_LINE_BREAK)]
+        text = "\n".join(line for line in lines if line)
+        if not text:
+            return  # an empty <p> inside <li> must not use up the item's marker
+        level, self._heading_level = self._heading_level, 0
+        prefix, self._item_prefix = self._item_prefix, ""
+        if level:
+            self._blocks.append("#" * level + " " + text.replace("\n", " "))
+        elif prefix:
+            self._blocks.append(prefix + text)
+        else:
+            self._blocks.append(_escape_markdown(text))
+
+
+def _code_language(attrs: list[tuple[str, str | None]]) -> str:
+    for name, value in attrs:
+        if name == "class" and value:
+            for css_class in value.split():
+                if css_class.startswith(("language-", "lang-")):
+                    return css_class.split("-", 1)[1]
+    return ""
+
+
+def _escape_markdown(text: str) -> str:
+    """Keep paragraph text from being read back as a Markdown heading, fence or rule."""
+    return _MARKDOWN_LOOKALIKE.sub(lambda match: "\\" + match.group(), text)
+
+
+def _pipe_table(rows: list[list[str]]) -> str:
+    width = max(len(row) for row in rows)
+    lines = []
+    for index, row in enumerate(rows):
+        cells = row + [""] * (width - len(row))
+        lines.append("| " + " | ".join(cells) + " |")
+        if index == 0:
+            lines.append("|" + " --- |" * width)
+    return "\n".join(lines)
