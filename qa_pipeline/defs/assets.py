@@ -1,6 +1,5 @@
 """The asset graph: source documents → chunks → test sample → concurrency benchmark → QA pairs → report."""
 
-from __future__ import annotations
 
 import dagster as dg
 import polars as pl

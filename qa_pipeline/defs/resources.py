@@ -1,6 +1,5 @@
 """Resources: the data directory and the LLM server client (embedded vLLM when no endpoint is set)."""
 
-from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
@@ -65,7 +64,7 @@ class LLMResource(dg.ConfigurableResource):
         )
 
     @asynccontextmanager
-    async def yield_for_execution(self, context: dg.InitResourceContext) -> AsyncIterator[LLMResource]:
+    async def yield_for_execution(self, context: dg.InitResourceContext) -> AsyncIterator["LLMResource"]:
         log = context.log.info if context.log else print
         base_url = self.base_url or os.environ.get(BASE_URL_ENV)
         model = self.model or os.environ.get(MODEL_ENV) or None
