@@ -6,7 +6,7 @@ DOCUMENTS = ("pep-0020.rst", "pep-3132.rst", "pep-0604.rst")
 
 
 def test_whole_graph_for_several_documents_is_queryable_and_consistent(simulator, data_dir):
-    sim = simulator(max_num_seqs=32)
+    sim = simulator(max_num_seqs=32, step_base_ms=2, output_tokens_mean=150, output_tokens_max=800)
     copy_sample(data_dir, *DOCUMENTS)
     env = cli_env(data_dir, sim.base_url)
 
