@@ -122,9 +122,10 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
 
     with ExitStack() as stack:
         if not os.environ.get(BASE_URL_ENV):
-            from qa_pipeline.core.embedded import embedded_server_for_cli
+            from qa_pipeline.core.embedded import EmbeddedServer
 
-            stack.enter_context(embedded_server_for_cli(layout, log))
+            log("no QA_PIPELINE_LLM_BASE_URL set: using the embedded vLLM server (SmolLM2-135M on CPU)")
+            stack.enter_context(EmbeddedServer.for_data_dir(layout, progress=log))
 
         chunked = []
         for index, key in enumerate(selected, start=1):

@@ -1,6 +1,7 @@
 """Resources: the data directory and the LLM server client (embedded vLLM when no endpoint is set)."""
 
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -71,9 +72,12 @@ class LLMResource(dg.ConfigurableResource):
         if base_url:
             base_urls = ClientConfig.parse_base_urls(base_url)
         else:
-            from qa_pipeline.core.embedded import ensure_embedded_server
+            from qa_pipeline.core.embedded import EmbeddedServer
 
-            server = await ensure_embedded_server(DataLayout.from_env(self.data_dir), progress=log)
+            # Started once and left running for the next runs (a backfill must not pay the start-up
+            # each partition); the CLI stops the one it starts, `qa-pipeline embedded stop` any other.
+            layout = DataLayout.from_env(self.data_dir)
+            server = await asyncio.to_thread(lambda: EmbeddedServer.for_data_dir(layout, progress=log).start())
             base_urls, model = [server.base_url], server.model
         async with LLMClient(self.client_config(base_urls, model)) as client:
             await client.resolve_model()
