@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,9 @@ from qa_pipeline.core.progress import format_duration
 from qa_pipeline.core.storage import Storage
 
 DAGSTER_HOME_ENV = "DAGSTER_HOME"
+REQUEST_TIMEOUT_ENV = "QA_PIPELINE_REQUEST_TIMEOUT_S"
+STALL_TIMEOUT_ENV = "QA_PIPELINE_STALL_TIMEOUT_S"
+RESUME_HINT = "Finished chunks are saved; run the same command again to resume where it stopped."
 
 
 def _dagster_home(layout: DataLayout) -> Path:
@@ -35,11 +39,33 @@ def command_run(args: argparse.Namespace) -> int:
         levels=[int(x) for x in args.levels.split(",")] if args.levels else None,
         sample_size=args.sample_size,
         max_tokens=args.max_tokens,
+        question_types=args.question_types.split(",") if args.question_types else None,
         skip_benchmark=args.skip_benchmark,
         force_regenerate=args.force,
+        request_timeout_s=args.request_timeout,
+        stall_timeout_s=args.stall_timeout,
+        failure_threshold=args.failure_threshold,
     )
     started = time.monotonic()
-    outcome = run_pipeline(layout, options, log=lambda line: print(line, flush=True))
+    # SIGTERM (kill, docker stop, systemd) stops as gently as Ctrl-C: requests in flight finish first.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        outcome = run_pipeline(layout, options, log=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print(f"qa-pipeline run: stopped by a signal. {RESUME_HINT}", file=sys.stderr)
+        return 130
+    if outcome.stopped:
+        for document, reason in outcome.failed.items():
+            print(f"  FAILED {document}: {reason}", file=sys.stderr)
+        if outcome.stopped == "interrupted":
+            print(f"qa-pipeline run: stopped by a signal. {RESUME_HINT}", file=sys.stderr)
+            return 130
+        print(
+            f"qa-pipeline run: STALLED: the LLM server made no progress for {args.stall_timeout:g} s, "
+            f"so no further document was started. Check the server. {RESUME_HINT}",
+            file=sys.stderr,
+        )
+        return 1
     print(outcome.report_markdown)
     print(
         f"qa-pipeline run: {len(outcome.succeeded)} documents done, {len(outcome.failed)} failed, "
@@ -72,10 +98,97 @@ def command_sql(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
+    from qa_pipeline.core.quality import refresh_pair_scores
     from qa_pipeline.core.report import build_report
 
-    print(build_report(Storage(DataLayout.from_env(args.data_dir))).markdown())
+    storage = Storage(DataLayout.from_env(args.data_dir))
+    refresh_pair_scores(storage)
+    print(build_report(storage).markdown())
     return 0
+
+
+def command_export(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from qa_pipeline.core.export import ExportOptions, export_dataset
+
+    layout = DataLayout.from_env(args.data_dir)
+    try:
+        train, validation, evaluation = (float(x) for x in args.split.split(","))
+        options = ExportOptions(
+            formats=tuple(args.formats.split(",")),
+            train=train,
+            validation=validation,
+            evaluation=evaluation,
+            seed=args.seed,
+            min_groundedness=args.min_groundedness,
+            drop_refusals=args.drop_refusals,
+            drop_invented_numbers=args.drop_invented_numbers,
+            drop_duplicates=args.drop_duplicates,
+            exclude_failing_documents=args.exclude_failing_documents,
+            **({} if args.chat_system_prompt is None else {"chat_system_prompt": args.chat_system_prompt or None}),
+            chat_include_passage=args.chat_include_passage,
+        )
+    except (ValueError, ValidationError) as error:
+        print(f"qa-pipeline export: invalid options: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else layout.exports_dir / "dataset"
+    summary = export_dataset(Storage(layout), out, options)
+    for split, rows in summary.rows.items():
+        print(f"{split}: {rows} pairs from {len(summary.documents[split])} documents")
+    if summary.dropped:
+        print("dropped: " + ", ".join(f"{n} {reason}" for reason, n in summary.dropped.items()))
+    print(f"written to {out} ({', '.join(path.name for path in summary.files)})")
+    return 0
+
+
+def command_export_batch(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    from qa_pipeline.core.batch import export_batch_requests
+    from qa_pipeline.core.generation import GenerationSettings
+    from qa_pipeline.defs.resources import MODEL_ENV
+
+    model = args.model or os.environ.get(MODEL_ENV)
+    if not model:
+        print(f"qa-pipeline export-batch: name the model the batch runs with (--model or {MODEL_ENV})", file=sys.stderr)
+        return 2
+    storage = Storage(DataLayout.from_env(args.data_dir))
+    documents = None
+    if args.documents:
+        known = storage.query("SELECT DISTINCT document FROM chunks")["document"].to_list()
+        documents = [d for d in known if any(fnmatch.fnmatch(d, pattern) for pattern in args.documents)]
+    settings = GenerationSettings(max_tokens=args.max_tokens, temperature=args.temperature)
+    if args.question_types:
+        settings = settings.model_copy(update={"question_types": tuple(args.question_types.split(","))})
+    exported = export_batch_requests(storage, Path(args.file), model, settings, documents, include_done=args.all)
+    print(
+        f"{exported.requests} requests written to {exported.path} ({exported.already_done} chunks already have "
+        f"QA pairs{'' if args.all else ' and were left out; --all includes them'}).\n"
+        f"Run it, e.g. vllm run-batch -i {exported.path} -o results.jsonl --model {model}, "
+        "then: qa-pipeline import-batch results.jsonl"
+    )
+    return 0
+
+
+def command_import_batch(args: argparse.Namespace) -> int:
+    from qa_pipeline.core.batch import import_batch_output
+
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"qa-pipeline import-batch: {path} does not exist", file=sys.stderr)
+        return 2
+    imported = import_batch_output(Storage(DataLayout.from_env(args.data_dir)), path)
+    print(
+        f"{imported.imported} chunks with QA pairs and {imported.failed} failed chunks imported into "
+        f"{len(imported.documents)} documents"
+    )
+    if imported.unknown_chunks:
+        print(f"  {len(imported.unknown_chunks)} lines name chunks that do not exist (any more): skipped", file=sys.stderr)
+    if imported.malformed_lines:
+        shown = ", ".join(str(n) for n in imported.malformed_lines[:10])
+        print(f"  lines that are not batch output lines of qa-pipeline requests: {shown}", file=sys.stderr)
+    return 1 if imported.malformed_lines or imported.unknown_chunks else 0
 
 
 def command_simulate(args: argparse.Namespace) -> int:
@@ -83,6 +196,28 @@ def command_simulate(args: argparse.Namespace) -> int:
 
     simulator.serve(simulator.config_from_args(args))
     return 0
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise SystemExit(f"qa-pipeline: {name}={value!r} is not a number of seconds") from None
+
+
+def _concurrency(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        level = int(text)
+    except ValueError:
+        level = 0
+    if level < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of requests or 'auto', got {text!r}")
+    return level
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,15 +229,50 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sources-dir", help="source documents (default: DATA_DIR/sources)")
     run.add_argument("--documents", nargs="*", metavar="GLOB", help="only documents matching these patterns")
     run.add_argument("--limit", type=int, help="at most this many documents (in name order)")
-    run.add_argument("--concurrency", type=int, help="requests in flight (default: the benchmark's recommendation)")
+    run.add_argument(
+        "--concurrency",
+        type=_concurrency,
+        metavar="N|auto",
+        help="requests in flight, or 'auto' to follow the server's queue and KV cache "
+        "(default: the benchmark's recommendation)",
+    )
     run.add_argument("--levels", help="concurrency levels to benchmark, e.g. 1,4,8,16,32,64")
     run.add_argument("--sample-size", type=int, default=100, help="chunks in the stratified test sample")
     run.add_argument("--max-tokens", type=int, default=1024, help="max_tokens per generation request")
+    run.add_argument(
+        "--question-types",
+        help="comma-separated question types to ask for per chunk (default: factual,conceptual,comparison)",
+    )
     run.add_argument("--skip-benchmark", action="store_true", help="reuse the last benchmark instead of sweeping")
     run.add_argument("--force", action="store_true", help="ignore the journal and cache; regenerate everything")
+    run.add_argument(
+        "--request-timeout",
+        type=float,
+        default=_env_float(REQUEST_TIMEOUT_ENV, 300.0),
+        metavar="SECONDS",
+        help=f"give up on one request after this long, then retry it (default: ${REQUEST_TIMEOUT_ENV} or 300)",
+    )
+    run.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=_env_float(STALL_TIMEOUT_ENV, 900.0),
+        metavar="SECONDS",
+        help=f"fail the run when no chunk finishes for this long (default: ${STALL_TIMEOUT_ENV} or 900)",
+    )
+    run.add_argument(
+        "--failure-threshold",
+        type=float,
+        default=0.05,
+        metavar="FRACTION",
+        help="a document fails when more than this share of its chunks fail (default: 0.05)",
+    )
     run.set_defaults(func=command_run)
 
-    sql = sub.add_parser("sql", help="run a DuckDB query over chunks, qa_pairs, failures, benchmark_runs")
+    sql = sub.add_parser(
+        "sql",
+        help="run a DuckDB query over chunks, qa_pairs, failures, pair_scores, question_duplicates, "
+        "judgements, benchmark_runs",
+    )
     sql.add_argument("query")
     sql.add_argument("--data-dir")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -112,6 +282,44 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="print the quality report of the current outputs")
     report.add_argument("--data-dir")
     report.set_defaults(func=command_report)
+
+    export = sub.add_parser(
+        "export", help="write the dataset as JSONL, Parquet and chat fine-tuning files, split by document"
+    )
+    export.add_argument("--data-dir")
+    export.add_argument("--out", help="output folder (default: DATA_DIR/exports/dataset)")
+    export.add_argument("--formats", default="jsonl,parquet,chat", help="any of jsonl, parquet, chat")
+    export.add_argument("--split", default="0.8,0.1,0.1", help="train,validation,evaluation shares of documents")
+    export.add_argument("--seed", type=int, default=0, help="seed of the document split")
+    export.add_argument("--min-groundedness", type=float, help="drop pairs below this groundedness")
+    export.add_argument("--drop-refusals", action="store_true", help='drop "the passage does not say" answers')
+    export.add_argument("--drop-invented-numbers", action="store_true", help="drop answers with numbers not in the chunk")
+    export.add_argument("--drop-duplicates", action="store_true", help="keep the first of duplicate questions")
+    export.add_argument(
+        "--exclude-failing-documents", action="store_true",
+        help="leave out documents that fail the success-rate or groundedness check (default thresholds)",
+    )
+    export.add_argument("--chat-system-prompt", default=None, help="system message of chat examples ('' for none)")
+    export.add_argument("--chat-include-passage", action="store_true", help="put the chunk in the user message")
+    export.set_defaults(func=command_export)
+
+    export_batch = sub.add_parser(
+        "export-batch", help="write the generation requests as an OpenAI/vLLM batch file (vllm run-batch input)"
+    )
+    export_batch.add_argument("file")
+    export_batch.add_argument("--data-dir")
+    export_batch.add_argument("--model", help="served model name (default: $QA_PIPELINE_LLM_MODEL)")
+    export_batch.add_argument("--max-tokens", type=int, default=1024)
+    export_batch.add_argument("--temperature", type=float, default=0.0)
+    export_batch.add_argument("--question-types", help="comma-separated (default: factual,conceptual,comparison)")
+    export_batch.add_argument("--documents", nargs="*", metavar="GLOB", help="only documents matching these patterns")
+    export_batch.add_argument("--all", action="store_true", help="also chunks that already have QA pairs")
+    export_batch.set_defaults(func=command_export_batch)
+
+    import_batch = sub.add_parser("import-batch", help="read a batch output file back into qa_pairs and failures")
+    import_batch.add_argument("file")
+    import_batch.add_argument("--data-dir")
+    import_batch.set_defaults(func=command_import_batch)
 
     simulate = sub.add_parser("simulate", help="start the vLLM-compatible simulator on loopback")
     from qa_pipeline.core import simulator

@@ -9,14 +9,16 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import dagster as dg
+from dagster._core.execution.plan.objects import ErrorSource  # no public name; tells an interrupt from a failure
 
 from qa_pipeline.core.documents import discover_documents
+from qa_pipeline.core.generation import StalledError
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.report import build_report
 from qa_pipeline.core.storage import Storage
 from qa_pipeline.defs import assets
-from qa_pipeline.defs.partitions import documents as documents_partitions
 from qa_pipeline.defs.resources import BASE_URL_ENV, LLMResource, StorageResource
+from qa_pipeline.defs.sensors import sync_document_partitions
 
 ALL_ASSETS = [
     assets.source_documents,
@@ -32,12 +34,16 @@ ALL_ASSETS = [
 class PipelineOptions:
     documents: list[str] | None = None
     limit: int | None = None
-    concurrency: int | None = None
+    concurrency: int | str | None = None  # a level, or "auto"
     levels: list[int] | None = None
     sample_size: int = 100
     max_tokens: int = 1024
+    question_types: list[str] | None = None
     skip_benchmark: bool = False
     force_regenerate: bool = False
+    request_timeout_s: float = 300.0
+    stall_timeout_s: float = 900.0
+    failure_threshold: float = 0.05
 
 
 @dataclass
@@ -45,30 +51,26 @@ class PipelineOutcome:
     succeeded: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     report_markdown: str = ""
-
-
-def sync_document_partitions(instance: dg.DagsterInstance, layout: DataLayout) -> tuple[list[str], list[str]]:
-    """Adds a partition per new document and removes (with its outputs) each deleted one."""
-    present = [s.key for s in discover_documents(layout.sources_dir)]
-    known = set(instance.get_dynamic_partitions(documents_partitions.name))
-    added = [k for k in present if k not in known]
-    removed = sorted(known - set(present))
-    if added:
-        instance.add_dynamic_partitions(documents_partitions.name, added)
-    storage = Storage(layout)
-    for key in removed:
-        instance.delete_dynamic_partition(documents_partitions.name, key)
-        storage.delete_partition(key)
-    return added, removed
+    # Why the run ended before every document was tried: "interrupted" (a signal) or "stalled" (the server).
+    stopped: str | None = None
 
 
 def _run_config(options: PipelineOptions) -> dict:
-    generation = {"max_tokens": options.max_tokens}
+    generation: dict = {"max_tokens": options.max_tokens}
+    if options.question_types:
+        generation["question_types"] = options.question_types
     benchmark = dict(generation)
     if options.levels:
         benchmark["levels"] = options.levels
-    qa = dict(generation, force_regenerate=options.force_regenerate)
-    if options.concurrency:
+    qa = dict(
+        generation,
+        force_regenerate=options.force_regenerate,
+        stall_timeout_s=options.stall_timeout_s,
+        failure_threshold=options.failure_threshold,
+    )
+    if options.concurrency == "auto":
+        qa["adaptive_concurrency"] = True
+    elif options.concurrency:
         qa["concurrency"] = options.concurrency
     return {
         "ops": {
@@ -89,11 +91,28 @@ def _failure_message(result: dg.ExecuteInProcessResult) -> str:
     return "the run failed (see the Dagster logs)"
 
 
+def _stop_reason(result: dg.ExecuteInProcessResult) -> str | None:
+    """"interrupted" when a signal ended the run, "stalled" when the server stopped making progress:
+    either way the next documents must not start."""
+    for event in result.all_events:
+        data = event.step_failure_data if event.is_step_failure else None
+        if data is None:
+            continue
+        if data.error_source == ErrorSource.INTERRUPT:
+            return "interrupted"
+        error = data.error
+        while error is not None:
+            if error.cls_name == StalledError.__name__:
+                return "stalled"
+            error = error.cause
+    return None
+
+
 def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[str], None]) -> PipelineOutcome:
     instance = dg.DagsterInstance.get()
-    added, removed = sync_document_partitions(instance, layout)
-    if added or removed:
-        log(f"documents: {len(added)} new, {len(removed)} removed")
+    changes = sync_document_partitions(instance, layout)
+    if changes.added or changes.removed:
+        log(f"documents: {len(changes.added)} new, {len(changes.removed)} removed")
     keys = [s.key for s in discover_documents(layout.sources_dir)]
     selected = [k for k in keys if not options.documents or any(fnmatch.fnmatch(k, p) for p in options.documents)]
     selected = selected[: options.limit] if options.limit else selected
@@ -103,7 +122,7 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
 
     outcome = PipelineOutcome()
     resources = {
-        "llm": LLMResource(data_dir=str(layout.root)),
+        "llm": LLMResource(data_dir=str(layout.root), request_timeout_s=options.request_timeout_s),
         "storage": StorageResource(data_dir=str(layout.root), sources_dir=str(layout.sources_dir)),
     }
     run_config = _run_config(options)
@@ -134,6 +153,9 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
                 chunked.append(key)
             else:
                 outcome.failed[key] = _failure_message(result)
+                outcome.stopped = _stop_reason(result)
+                if outcome.stopped:
+                    return outcome
             log(f"chunks: {index}/{len(selected)} documents ({len(outcome.failed)} failed)")
         if not chunked:
             return outcome
@@ -142,6 +164,7 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
             result = materialize([assets.test_sample, assets.concurrency_benchmark])
             if not result.success:
                 outcome.failed["concurrency_benchmark"] = _failure_message(result)
+                outcome.stopped = _stop_reason(result)
                 return outcome
 
         for index, key in enumerate(chunked, start=1):
@@ -150,6 +173,9 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
                 outcome.succeeded.append(key)
             else:
                 outcome.failed[key] = _failure_message(result)
+                outcome.stopped = _stop_reason(result)
+                if outcome.stopped:
+                    return outcome
             log(f"qa_pairs: {index}/{len(chunked)} documents ({len(outcome.failed)} failed)")
 
         materialize([assets.quality_report])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 from pydantic import BaseModel, Field, SecretStr
@@ -30,7 +31,9 @@ class ClientConfig(BaseModel):
     max_connections: int = 512
     # vLLM closes idle keep-alive sockets after 5 s; closing ours first avoids reusing a dead socket.
     keepalive_timeout_s: float = 4.0
-    endpoint_cooldown_s: float = 5.0
+    endpoint_cooldown_s: float = Field(5.0, description="first probe of a failed endpoint after this long")
+    probe_interval_max_s: float = Field(30.0, description="probes of a dead endpoint back off up to this interval")
+    metrics_max_age_s: float = Field(10.0, description="older /metrics figures no longer weigh endpoint choice")
 
     @classmethod
     def parse_base_urls(cls, text: str) -> list[str]:
@@ -45,6 +48,10 @@ def normalize_base_url(url: str) -> str:
 
 class ServerError(Exception):
     """The server cannot be used as configured (unreachable, wrong model, bad key)."""
+
+
+class CredentialsError(ServerError):
+    """The server refused the API key: no other endpoint will do better."""
 
 
 @dataclass
@@ -106,16 +113,50 @@ def parse_prometheus(text: str) -> ServerMetrics:
     return ServerMetrics(**picked, raw=totals)
 
 
+class EndpointLimit(Protocol):
+    """A per-endpoint concurrency limit (core.concurrency.FixedLimit or AdaptiveLimit fit)."""
+
+    @property
+    def limit(self) -> int: ...
+
+    def observe_response(self, latency_s: float, ok: bool, output_tokens: int = 0) -> None: ...
+
+    def observe_metrics(self, metrics: ServerMetrics | None, elapsed_s: float) -> None: ...
+
+
 @dataclass
 class Endpoint:
-    """One server replica with its live load and health."""
+    """One server replica with its live load, health and (optionally) its own concurrency limit."""
 
     base_url: str
     outstanding: int = 0
     healthy: bool = True
-    down_until: float = 0.0
+    down_until: float = 0.0  # while down: when it is probed (or, if every endpoint is down, tried) next
     requests: int = 0
     failures: int = 0
+    limit: EndpointLimit | None = None
+    metrics: ServerMetrics | None = None
+    metrics_at: float = 0.0
+    outstanding_at_metrics: int = 0
+    taken_out: int = 0
+    put_back: int = 0
+    last_error: str | None = None
+    last_pick: int = 0
+
+    @property
+    def has_room(self) -> bool:
+        return self.limit is None or self.outstanding < self.limit.limit
+
+    def load(self, now: float, metrics_max_age_s: float) -> float:
+        """How busy the endpoint is: our requests in flight plus, from its recent /metrics, the
+        requests of other clients (other runs sharing the server), queued ones counted twice since a
+        queue means the server is already full; relative to its own limit when it has one."""
+        load = float(self.outstanding)
+        if self.metrics is not None and now - self.metrics_at <= metrics_max_age_s:
+            running = self.metrics.running or 0.0
+            waiting = self.metrics.waiting or 0.0
+            load += max(0.0, running + waiting - self.outstanding_at_metrics) + waiting
+        return load / max(1, self.limit.limit) if self.limit is not None else load
 
 
 def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:
@@ -137,12 +178,19 @@ def _retry_after_seconds(headers: aiohttp.typedefs.LooseHeaders) -> float | None
 class LLMClient:
     """One aiohttp session per run, shared by every request; use as `async with LLMClient(cfg)`."""
 
-    def __init__(self, config: ClientConfig):
+    def __init__(self, config: ClientConfig, endpoint_limit: Callable[[str], EndpointLimit] | None = None):
+        """`endpoint_limit(base_url)` gives each endpoint its own concurrency limit (None: no per-endpoint cap)."""
         self.config = config
-        self.endpoints = [Endpoint(url) for url in config.base_urls]
+        self.endpoints = [
+            Endpoint(url, limit=endpoint_limit(url) if endpoint_limit else None) for url in config.base_urls
+        ]
         self.model: str | None = config.model
         self.structured_output = True
         self._session: aiohttp.ClientSession | None = None
+        self._started = time.monotonic()
+        self._changed = asyncio.Event()
+        self._probes: dict[str, asyncio.Task] = {}
+        self._picks = 0
 
     async def __aenter__(self) -> LLMClient:
         # The session must be created inside the running loop (aiohttp binds it to the loop).
@@ -161,6 +209,11 @@ class LLMClient:
         return self
 
     async def __aexit__(self, *exc_info) -> None:
+        probes = list(self._probes.values())
+        for probe in probes:
+            probe.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
+        self._probes.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -179,20 +232,103 @@ class LLMClient:
     # -- endpoints -------------------------------------------------------------------------
 
     def _pick_endpoint(self) -> Endpoint | None:
-        now = time.monotonic()
-        usable = [e for e in self.endpoints if e.healthy or e.down_until <= now]
-        if not usable:
-            return None
-        return min(usable, key=lambda e: (not e.healthy, e.outstanding, e.requests))
+        """The least loaded healthy endpoint with room under its limit; None means wait.
 
-    def _mark_down(self, endpoint: Endpoint) -> None:
-        endpoint.healthy = False
-        endpoint.down_until = time.monotonic() + self.config.endpoint_cooldown_s
+        When every endpoint is down, the one due first is tried anyway once its probe time has come,
+        so requests fail with a recorded reason instead of waiting forever for a dead fleet.
+        """
+        now = time.monotonic()
+        healthy = [e for e in self.endpoints if e.healthy]
+        if healthy:
+            with_room = [e for e in healthy if e.has_room]
+            if not with_room:
+                return None
+            # Equal loads (an idle fleet) take turns, so a restarted endpoint is not flooded to catch up.
+            chosen = min(with_room, key=lambda e: (e.load(now, self.config.metrics_max_age_s), e.last_pick))
+        else:
+            due = [e for e in self.endpoints if e.down_until <= now]
+            if not due:
+                return None
+            chosen = min(due, key=lambda e: e.down_until)
+        self._picks += 1
+        chosen.last_pick = self._picks
+        return chosen
 
     async def _wait_for_endpoint(self) -> Endpoint:
         while (endpoint := self._pick_endpoint()) is None:
-            await asyncio.sleep(min(e.down_until for e in self.endpoints) - time.monotonic() + 0.01)
+            if any(e.healthy for e in self.endpoints):
+                timeout = 1.0  # a slot frees or a limit grows; woken at once when a request ends
+            else:
+                timeout = max(0.0, min(e.down_until for e in self.endpoints) - time.monotonic()) + 0.01
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), timeout)
+            except TimeoutError:
+                pass
         return endpoint
+
+    def _notify(self) -> None:
+        """Wakes requests waiting for an endpoint (a request ended, an endpoint came back)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _mark_down(self, endpoint: Endpoint, reason: str | None = None) -> None:
+        """Takes the endpoint out; a background probe (GET /v1/models) puts it back once it answers."""
+        if endpoint.healthy:
+            endpoint.healthy = False
+            endpoint.taken_out += 1
+        endpoint.down_until = time.monotonic() + self.config.endpoint_cooldown_s
+        if reason:
+            endpoint.last_error = reason
+        probe = self._probes.get(endpoint.base_url)
+        if (probe is None or probe.done()) and self._session is not None:
+            self._probes[endpoint.base_url] = asyncio.get_running_loop().create_task(self._probe(endpoint))
+
+    async def _probe(self, endpoint: Endpoint) -> None:
+        interval = self.config.endpoint_cooldown_s
+        while not endpoint.healthy:
+            await asyncio.sleep(max(0.0, endpoint.down_until - time.monotonic()))
+            if endpoint.healthy:  # a request that was already on its way succeeded
+                break
+            if await self._answers(endpoint):
+                self._put_back(endpoint)
+                break
+            interval = min(max(interval, 0.05) * 2, self.config.probe_interval_max_s)
+            endpoint.down_until = time.monotonic() + interval
+
+    async def _answers(self, endpoint: Endpoint) -> bool:
+        try:
+            async with self.session.get(
+                f"{endpoint.base_url}/models", timeout=aiohttp.ClientTimeout(total=5)
+            ) as response:
+                if response.status != 200:
+                    endpoint.last_error = f"probe of {endpoint.base_url}/models: HTTP {response.status}"
+                    return False
+                await response.read()
+                return True
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as error:
+            endpoint.last_error = f"probe of {endpoint.base_url}/models: {type(error).__name__}: {error!s}"
+            return False
+
+    def _put_back(self, endpoint: Endpoint) -> None:
+        endpoint.healthy = True
+        endpoint.put_back += 1
+        endpoint.down_until = 0.0
+        endpoint.metrics = None  # figures from before it died say nothing about the restarted server
+        self._notify()
+
+    async def _send(self, endpoint: Endpoint, body: dict) -> tuple[ChatOutcome, float | None]:
+        """One attempt on a chosen endpoint, reported to its limit; wakes requests waiting for room."""
+        started = time.perf_counter()
+        try:
+            outcome, retry_after = await self._attempt(endpoint, body)
+        finally:
+            self._notify()
+        if endpoint.limit is not None:
+            endpoint.limit.observe_response(time.perf_counter() - started, outcome.ok, outcome.completion_tokens)
+        if not outcome.ok and outcome.error:
+            endpoint.last_error = outcome.error
+        return outcome, retry_after
 
     # -- server information --------------------------------------------------------------
 
@@ -201,7 +337,7 @@ class LLMClient:
         try:
             async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as response:
                 if response.status in (401, 403):
-                    raise ServerError(
+                    raise CredentialsError(
                         f"{url} refused the API key (HTTP {response.status}); "
                         "set QA_PIPELINE_LLM_API_KEY to a key the server accepts"
                     )
@@ -212,22 +348,68 @@ class LLMClient:
         return [item["id"] for item in body.get("data", []) if "id" in item]
 
     async def resolve_model(self) -> str:
-        """The model to use; fails early, naming what is served, when the configured one is not."""
-        served = await self.list_models()
+        """The model to use; fails early, naming what is served, when the configured one is not.
+
+        Every endpoint is asked; one that cannot be reached is taken out (and probed until it
+        answers) as long as another one answers, so a run can start while a replica restarts.
+        """
+        answers = await asyncio.gather(
+            *(self.list_models(e.base_url) for e in self.endpoints), return_exceptions=True
+        )
+        reachable = [(e, served) for e, served in zip(self.endpoints, answers) if isinstance(served, list)]
+        for answer in answers:
+            if isinstance(answer, BaseException) and (isinstance(answer, CredentialsError) or not reachable):
+                raise answer
+        for endpoint, answer in zip(self.endpoints, answers):
+            if isinstance(answer, ServerError):
+                self._mark_down(endpoint, str(answer))
+            elif isinstance(answer, BaseException):
+                raise answer
+        first, served = reachable[0]
         if not served:
-            raise ServerError(f"{self.endpoints[0].base_url} serves no model")
+            raise ServerError(f"{first.base_url} serves no model")
         if self.model is None:
             self.model = served[0]
-        elif self.model not in served:
-            raise ServerError(
-                f"model {self.model!r} is not served by {self.endpoints[0].base_url}; "
-                f"it serves: {', '.join(served)}. Set QA_PIPELINE_LLM_MODEL to one of them."
-            )
+        for endpoint, served in reachable:
+            if self.model not in served:
+                raise ServerError(
+                    f"model {self.model!r} is not served by {endpoint.base_url}; "
+                    f"it serves: {', '.join(served) or 'nothing'}. Set QA_PIPELINE_LLM_MODEL to a model "
+                    "every endpoint in QA_PIPELINE_LLM_BASE_URL serves."
+                )
         return self.model
 
     async def metrics(self, base_url: str | None = None) -> ServerMetrics | None:
-        """The server's Prometheus metrics, or None when it offers none (Ollama, llama.cpp without --metrics)."""
-        root = (base_url or self.endpoints[0].base_url).removesuffix("/v1")
+        """The servers' Prometheus metrics, or None when none offers any (Ollama, llama.cpp without --metrics).
+
+        Without `base_url`: every healthy endpoint is read (see `endpoint_metrics`) and the figures
+        are combined, requests and tokens summed, KV cache usage the fullest endpoint's.
+        """
+        if base_url is not None:
+            return await self._read_metrics(base_url)
+        read = [m for m in (await self.endpoint_metrics()).values() if m is not None]
+        if not read:
+            return None
+        return _combine_metrics(read)
+
+    async def endpoint_metrics(self) -> dict[str, ServerMetrics | None]:
+        """Each healthy endpoint's metrics, by base URL; also kept on the endpoint (they weigh the
+        choice of endpoint) and passed to its own limit. Down endpoints are not read."""
+        live = [e for e in self.endpoints if e.healthy]
+        outstanding = [e.outstanding for e in live]
+        read = await asyncio.gather(*(self._read_metrics(e.base_url) for e in live))
+        now = time.monotonic()
+        for endpoint, before, metrics in zip(live, outstanding, read):
+            if metrics is not None:
+                endpoint.metrics, endpoint.metrics_at, endpoint.outstanding_at_metrics = metrics, now, before
+            if endpoint.limit is not None:
+                endpoint.limit.observe_metrics(metrics, now - self._started)
+        if live:
+            self._notify()  # a limit may have grown
+        return {e.base_url: m for e, m in zip(live, read)}
+
+    async def _read_metrics(self, base_url: str) -> ServerMetrics | None:
+        root = base_url.removesuffix("/v1")
         try:
             async with self.session.get(f"{root}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as response:
                 if response.status != 200:
@@ -264,7 +446,7 @@ class LLMClient:
             else:
                 body.pop("response_format", None)
             endpoint = await self._wait_for_endpoint()
-            outcome, retry_after = await self._attempt(endpoint, body)
+            outcome, retry_after = await self._send(endpoint, body)
             outcome.attempts = attempt + 1
             if outcome.ok or not self._should_retry(outcome, body):
                 break
@@ -342,6 +524,27 @@ class LLMClient:
             failure_reason=reason,
             error=f"HTTP {status} from {endpoint.base_url}/chat/completions: {text}",
         )
+
+
+def _combine_metrics(read: list[ServerMetrics]) -> ServerMetrics:
+    """Several replicas' figures as one: counts summed, KV cache usage the fullest one's."""
+
+    def total(name: str) -> float | None:
+        values = [v for m in read if (v := getattr(m, name)) is not None]
+        return sum(values) if values else None
+
+    kv = [m.kv_cache_usage for m in read if m.kv_cache_usage is not None]
+    raw: dict[str, float] = {}
+    for metrics in read:
+        for name, value in metrics.raw.items():
+            raw[name] = raw.get(name, 0.0) + value
+    return ServerMetrics(
+        running=total("running"),
+        waiting=total("waiting"),
+        kv_cache_usage=max(kv) if kv else None,
+        generation_tokens_total=total("generation_tokens_total"),
+        raw=raw,
+    )
 
 
 def _mentions_response_format(error: str | None) -> bool:

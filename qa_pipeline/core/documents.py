@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from html.parser import HTMLParser
@@ -610,3 +611,43 @@ def _pipe_table(rows: list[list[str]]) -> str:
         if index == 0:
             lines.append("|" + " --- |" * width)
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SourceChanges:
+    """How the sources folder differs from the pipeline's partitions and the content it last acted on.
+
+    Partition keys, sorted. A rename is a removal plus an addition; a file whose content is
+    unchanged (touched, copied over itself) is in none of the three.
+    """
+
+    added: tuple[str, ...]  # a file with no partition yet
+    changed: tuple[str, ...]  # a partition whose file's content hash differs from the known one
+    removed: tuple[str, ...]  # a partition whose file is gone
+    hashes: Mapping[str, str]  # content hash of every file now in the folder
+
+    @property
+    def to_generate(self) -> tuple[str, ...]:
+        """Documents whose outputs must be (re)built: the new and the changed ones."""
+        return tuple(sorted(self.added + self.changed))
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.changed or self.removed)
+
+
+def compare_sources(
+    hashes: Mapping[str, str], partitions: Iterable[str], known_hashes: Mapping[str, str] | None = None
+) -> SourceChanges:
+    """Compares the folder (`hashes`: key → content hash) with the partitions and the known hashes.
+
+    With `known_hashes` None only partitions are compared (nothing counts as changed).
+    """
+    existing = set(partitions)
+    added = tuple(key for key in sorted(hashes) if key not in existing)
+    removed = tuple(sorted(existing - set(hashes)))
+    changed = ()
+    if known_hashes is not None:
+        changed = tuple(
+            key for key in sorted(hashes) if key in existing and known_hashes.get(key) != hashes[key]
+        )
+    return SourceChanges(added=added, changed=changed, removed=removed, hashes=dict(hashes))

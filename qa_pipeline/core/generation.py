@@ -5,21 +5,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from pydantic import BaseModel
 
 from qa_pipeline.core.client import ChatOutcome, LLMClient
-from qa_pipeline.core.concurrency import ConcurrencyGate, FixedLimit
+from qa_pipeline.core.concurrency import ConcurrencyGate, ConcurrencyLimit
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.progress import Progress
 from qa_pipeline.core.prompts import (
     DEFAULT_QUESTION_TYPES,
     PROMPT_VERSION,
+    FailureReason,
     ParseError,
     build_messages,
     parse_pairs,
@@ -53,6 +56,68 @@ class StalledError(RuntimeError):
 
 class GenerationInterrupted(RuntimeError):
     """A stop was requested; finished chunks are in the journal and the next run resumes."""
+
+
+# A 200 answer that cannot be turned into QA pairs is asked again (see Generator._ask): the
+# server's next draw is often fine, while HTTP-level trouble was already retried by the client.
+REASKED_REASONS = frozenset(
+    {
+        FailureReason.INVALID_JSON,
+        FailureReason.MISSING_FIELD,
+        FailureReason.INVALID_VALUE,
+        FailureReason.TRUNCATED,
+        FailureReason.EMPTY_RESPONSE,
+    }
+)
+# Greedy decoding (temperature 0) would repeat the same answer, so a re-ask samples instead.
+REASK_TEMPERATURE = 0.7
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def stop_on_signals(stop: asyncio.Event, abandon: asyncio.Event, log: Callable[[str], None]) -> Iterator[None]:
+    """While chunks are generated, SIGINT/SIGTERM stop the run gracefully instead of raising anywhere.
+
+    The first signal sets `stop` (no new chunk starts, requests in flight finish and are journaled);
+    a second one sets `abandon`. On the way out the previous handlers come back and the signal is
+    delivered to them again, so Dagster's run termination and Ctrl-C at the command line end the run
+    as usual, only later: once the journal holds every finished chunk. Only the main thread can
+    handle signals; elsewhere (a Dagster step in a thread) this does nothing.
+    """
+    loop = asyncio.get_running_loop()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        if not stop.is_set():
+            stop.set()
+            log(
+                f"{signal.Signals(signum).name} received: stopping. No new chunk starts; requests in flight "
+                "finish and are saved. Send the signal again to abandon them."
+            )
+        else:
+            abandon.set()
+            log(f"{signal.Signals(signum).name} received again: abandoning requests in flight")
+
+    installed = []
+    try:
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, on_signal, signum)
+            installed.append(signum)
+    except (RuntimeError, ValueError, NotImplementedError):
+        pass  # a loop that cannot handle signals: the previous handlers stay in charge
+    try:
+        yield
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, previous[signum])
+        if received:
+            signal.raise_signal(received[0])
 
 
 @dataclass
@@ -126,6 +191,14 @@ def result_from_outcome(task: ChunkTask, key: str, model: str, outcome: ChatOutc
     return ChunkResult(ok=True, pairs=pairs, **common)
 
 
+def _interrupted(progress: Progress, abandoned: int) -> GenerationInterrupted:
+    return GenerationInterrupted(
+        f"stopped on request after {progress.done}/{progress.total} chunks"
+        + (f" ({abandoned} requests in flight abandoned)" if abandoned else "")
+        + "; finished chunks are saved and the next run resumes from there"
+    )
+
+
 class Generator:
     """Sends every chunk that has no finished result yet, through one queue, as fast as the limit allows."""
 
@@ -134,12 +207,14 @@ class Generator:
         client: LLMClient,
         layout: DataLayout,
         settings: GenerationSettings,
-        limiter: FixedLimit,
+        limiter: ConcurrencyLimit,
         log: Callable[[str], None] = print,
         progress_interval_s: float = 10.0,
         stall_timeout_s: float = 900.0,
         telemetry_interval_s: float = 1.0,
         force: bool = False,
+        parse_retries: int = 1,
+        stop_grace_s: float = 30.0,
     ):
         self.client = client
         self.layout = layout
@@ -150,6 +225,8 @@ class Generator:
         self.stall_timeout_s = stall_timeout_s
         self.telemetry_interval_s = telemetry_interval_s
         self.force = force
+        self.parse_retries = parse_retries
+        self.stop_grace_s = stop_grace_s
         self.schema = response_format()
 
     async def run(self, tasks: Sequence[ChunkTask], stop: asyncio.Event | None = None) -> GenerationReport:
@@ -176,10 +253,14 @@ class Generator:
         )
 
         started = time.monotonic()
+        stop = stop or asyncio.Event()
+        abandon = asyncio.Event()
         with ExitStack() as stack:
+            # Entered first, left last: a signal is passed on only after the journals are closed.
+            stack.enter_context(stop_on_signals(stop, abandon, self.log))
             for journal in journals.values():
                 stack.enter_context(journal)
-            await self._drain(todo, model, journals, finished, progress, report, stop or asyncio.Event())
+            await self._drain(todo, model, journals, finished, progress, report, stop, abandon)
         report.duration_s = time.monotonic() - started
         report.output_tokens = progress.output_tokens
 
@@ -196,7 +277,7 @@ class Generator:
             self.log(progress.line())
         return report
 
-    async def _drain(self, todo, model, journals, finished, progress, report, stop) -> None:
+    async def _drain(self, todo, model, journals, finished, progress, report, stop, abandon) -> None:
         queue: asyncio.Queue = asyncio.Queue()
         for item in todo:
             queue.put_nowait(item)
@@ -214,19 +295,11 @@ class Generator:
                     if stop.is_set():
                         return
                     report.sent += 1
-                    outcome = await self.client.chat(
-                        messages,
-                        response_format=self.schema,
-                        max_tokens=self.settings.max_tokens,
-                        temperature=self.settings.temperature,
-                        seed=self.settings.seed,
-                    )
-                result = result_from_outcome(task, key, model, outcome)
-                self.limiter.observe_response(outcome.latency_s, outcome.ok)
+                    result, output_tokens = await self._ask(task, messages, key, model)
                 journals[task.document].append(result)
                 finished[task.document][key] = result
                 last_finish = time.monotonic()
-                progress.advance(failed=not result.ok, output_tokens=outcome.completion_tokens)
+                progress.advance(failed=not result.ok, output_tokens=output_tokens)
                 if not result.ok:
                     self.log(f"chunk {task.chunk_id} of {task.document} failed: {result.reason}: {result.detail}")
 
@@ -245,22 +318,67 @@ class Generator:
                         "check the server and re-run to resume."
                     )
                 if stop.is_set():
-                    await self._finish_in_flight(workers)
-                    raise GenerationInterrupted(
-                        f"stopped on request after {progress.done}/{progress.total} chunks; "
-                        "finished chunks are saved and the next run resumes from there"
-                    )
+                    abandoned = await self._finish_in_flight(workers, abandon)
+                    raise _interrupted(progress, abandoned)
             for w in workers:
                 w.result()
+            if progress.done < progress.total:  # the workers saw the stop before this loop did
+                raise _interrupted(progress, 0)
         finally:
             monitor.cancel()
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, monitor, return_exceptions=True)
 
-    async def _finish_in_flight(self, workers, grace_s: float = 30.0) -> None:
-        """Let requests already sent finish (their results are journaled), then abandon the rest."""
-        await asyncio.wait(workers, timeout=grace_s)
+    async def _finish_in_flight(self, workers, abandon: asyncio.Event) -> int:
+        """Let requests already sent finish (their results are journaled) for up to `stop_grace_s`,
+        or until `abandon` is set; returns how many are still in flight and will be abandoned."""
+        pending = {w for w in workers if not w.done()}
+        abandoned = asyncio.create_task(abandon.wait())
+        try:
+            deadline = time.monotonic() + self.stop_grace_s
+            while pending and not abandon.is_set() and (left := deadline - time.monotonic()) > 0:
+                self.log(f"waiting up to {left:.0f} s for {len(pending)} requests in flight")
+                _, pending = await asyncio.wait(
+                    pending | {abandoned}, timeout=min(left, 10.0), return_when=asyncio.FIRST_COMPLETED
+                )
+                pending.discard(abandoned)
+        finally:
+            abandoned.cancel()
+        return len(pending)
+
+    async def _ask(self, task: ChunkTask, messages, key: str, model: str) -> tuple[ChunkResult, int]:
+        """The result for one chunk and the output tokens it cost.
+
+        An answer the parser rejects (invalid JSON, a missing field, cut by max_tokens) is asked
+        again up to `parse_retries` times, with another seed and, if decoding is greedy, a sampling
+        temperature, since the same request would get the same answer. The record keeps the
+        original request hash: it answers that request, and a re-run finds it in the cache.
+        """
+        attempts, latency_s, output_tokens = 0, 0.0, 0
+        for ask in range(self.parse_retries + 1):
+            temperature, seed = self.settings.temperature, self.settings.seed
+            if ask:
+                temperature = temperature or REASK_TEMPERATURE
+                seed = None if seed is None else seed + ask
+            outcome = await self.client.chat(
+                messages,
+                response_format=self.schema,
+                max_tokens=self.settings.max_tokens,
+                temperature=temperature,
+                seed=seed,
+            )
+            self.limiter.observe_response(outcome.latency_s, outcome.ok, outcome.completion_tokens)
+            attempts += outcome.attempts
+            latency_s += outcome.latency_s
+            output_tokens += outcome.completion_tokens
+            result = result_from_outcome(task, key, model, outcome)
+            if result.ok or result.reason not in REASKED_REASONS:
+                break
+        update: dict = {"attempts": attempts, "latency_s": latency_s}
+        if not result.ok and ask:
+            update["detail"] = f"{result.detail} (asked {ask + 1} times)"
+        return result.model_copy(update=update), output_tokens
 
     async def _monitor(self, gate: ConcurrencyGate, progress: Progress, report: GenerationReport, started) -> None:
         """Samples load and server metrics for the run's metadata and the concurrency controller."""

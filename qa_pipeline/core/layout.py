@@ -13,7 +13,7 @@ SOURCES_DIR_ENV = "QA_PIPELINE_SOURCES_DIR"
 DEFAULT_DATA_DIR = Path("data")
 
 # Tables written as one Parquet file per partition (document) and exposed as DuckDB views.
-PARTITIONED_TABLES = ("chunks", "qa_pairs", "failures")
+PARTITIONED_TABLES = ("chunks", "qa_pairs", "failures", "pair_scores")
 
 
 def safe_file_stem(key: str) -> str:
@@ -65,6 +65,10 @@ class DataLayout:
     @property
     def report_dir(self) -> Path:
         return self.root / "reports"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.root / "exports"
 
     @property
     def models_dir(self) -> Path:

@@ -1,12 +1,16 @@
-"""The quality report: DuckDB over every partition's outputs, as tables and markdown."""
+"""The quality report: DuckDB over every partition's outputs, as tables, markdown and plots."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import polars as pl
 
+from qa_pipeline.core.quality import QualityThresholds, find_duplicate_questions, type_balance
 from qa_pipeline.core.storage import Storage
+
+UNGROUNDED_BELOW = QualityThresholds().ungrounded_below
 
 SUMMARY_SQL = """
 WITH chunk_status AS (
@@ -40,15 +44,69 @@ SELECT
 """
 
 PER_DOCUMENT_SQL = """
+WITH scores AS (
+    SELECT document, avg(groundedness) AS mean_groundedness,
+           count(*) FILTER (WHERE groundedness < {ungrounded_below}) AS ungrounded,
+           count(*) FILTER (WHERE len(unsupported_numbers) > 0) AS invented_numbers,
+           count(*) FILTER (WHERE refusal) AS refusals,
+           count(*) FILTER (WHERE duplicate_scope IS NOT NULL) AS duplicates
+    FROM pair_scores GROUP BY document
+)
 SELECT c.document,
        count(*) AS chunks,
        count(*) FILTER (WHERE q.pairs IS NOT NULL) AS chunks_with_pairs,
        count(*) FILTER (WHERE q.pairs IS NULL AND f.chunk_id IS NOT NULL) AS chunks_failed,
-       coalesce(sum(q.pairs), 0) AS pairs
+       count(*) FILTER (WHERE q.pairs IS NULL AND f.truncated) AS chunks_truncated,
+       coalesce(sum(q.pairs), 0) AS pairs,
+       any_value(s.mean_groundedness) AS mean_groundedness,
+       any_value(s.ungrounded) AS ungrounded,
+       any_value(s.invented_numbers) AS invented_numbers,
+       any_value(s.refusals) AS refusals,
+       any_value(s.duplicates) AS duplicates
 FROM chunks c
 LEFT JOIN (SELECT document, chunk_id, count(*) AS pairs FROM qa_pairs GROUP BY ALL) q USING (document, chunk_id)
-LEFT JOIN (SELECT DISTINCT document, chunk_id FROM failures) f USING (document, chunk_id)
+LEFT JOIN (SELECT document, chunk_id, bool_or(reason = 'truncated') AS truncated FROM failures GROUP BY ALL) f
+    USING (document, chunk_id)
+LEFT JOIN scores s USING (document)
 GROUP BY c.document ORDER BY c.document
+"""
+
+QUALITY_SQL = """
+SELECT count(*) AS scored_pairs,
+       avg(groundedness) AS mean_groundedness,
+       quantile_cont(groundedness, 0.1) AS groundedness_p10,
+       count(*) FILTER (WHERE groundedness < {ungrounded_below}) AS pairs_ungrounded,
+       count(*) FILTER (WHERE len(unsupported_numbers) > 0) AS pairs_with_invented_numbers,
+       count(*) FILTER (WHERE len(unsupported_names) > 0) AS pairs_with_unknown_names,
+       count(*) FILTER (WHERE refusal) AS refusals,
+       count(*) FILTER (WHERE language <> chunk_language AND language <> 'unknown'
+                          AND chunk_language <> 'unknown') AS pairs_in_another_language,
+       (SELECT count(DISTINCT chunk_id) FROM failures WHERE reason = 'truncated') AS chunks_truncated
+FROM pair_scores
+"""
+
+TYPES_PER_DOCUMENT_SQL = """
+SELECT document, type, count(*) AS pairs FROM qa_pairs GROUP BY ALL ORDER BY document, type
+"""
+
+LANGUAGES_SQL = """
+SELECT chunk_language, language AS pair_language, count(*) AS pairs
+FROM pair_scores GROUP BY ALL ORDER BY pairs DESC
+"""
+
+WORST_GROUNDED_SQL = """
+SELECT q.document, q.question, q.answer, s.groundedness, s.unsupported_numbers, s.unsupported_names
+FROM qa_pairs q JOIN pair_scores s USING (document, chunk_id, pair_index)
+WHERE s.groundedness IS NOT NULL
+ORDER BY s.groundedness, len(s.unsupported_numbers) DESC, q.document, q.chunk_id, q.pair_index
+LIMIT 10
+"""
+
+# "Earlier" for duplicates: document by document, chunks in document order.
+PAIRS_IN_ORDER_SQL = """
+SELECT q.document, q.chunk_id, q.pair_index, q.question
+FROM qa_pairs q LEFT JOIN chunks c USING (document, chunk_id)
+ORDER BY q.document, c.position, q.chunk_id, q.pair_index
 """
 
 FAILURES_BY_REASON_SQL = """
@@ -79,6 +137,11 @@ class QualityReport:
     failures_by_reason: pl.DataFrame
     question_types: pl.DataFrame
     throughput: pl.DataFrame
+    types_per_document: pl.DataFrame  # document × type counts
+    languages: pl.DataFrame
+    worst_grounded: pl.DataFrame
+    duplicates: pl.DataFrame  # `question_duplicates` rows over the whole dataset
+    groundedness: list[float]
 
     def markdown(self) -> str:
         s = self.summary
@@ -95,8 +158,29 @@ class QualityReport:
             f"- mean length: questions {_number(s['question_chars_mean'])} chars, "
             f"answers {_number(s['answer_chars_mean'])} chars",
             "",
+            "## Quality",
+            f"- groundedness (share of an answer's content found in its chunk): mean "
+            f"{_fraction(s['mean_groundedness'])}, 10th percentile {_fraction(s['groundedness_p10'])}",
+            f"- pairs below {UNGROUNDED_BELOW:g} groundedness: {s['pairs_ungrounded']}; with numbers not in the "
+            f"chunk: {s['pairs_with_invented_numbers']}; with names not in the chunk: {s['pairs_with_unknown_names']}",
+            f"- refusals (\"the passage does not say ...\"): {s['refusals']}",
+            f"- duplicate questions: {s['duplicates_in_chunk']} within a chunk, {s['duplicates_in_document']} "
+            f"within a document, {s['duplicates_across_documents']} across documents",
+            f"- question type balance: {_fraction(s['type_balance'])} (1 = every type equally common)",
+            f"- pairs in another language than their chunk: {s['pairs_in_another_language']}",
+            f"- chunks cut by max_tokens: {s['chunks_truncated']} ({_percent(s['truncation_rate'])})",
+            "",
             "## Per document",
             to_markdown_table(self.per_document),
+            "",
+            "## Question types per document",
+            to_markdown_table(self.types_per_document),
+            "",
+            "## Worst-grounded pairs",
+            to_markdown_table(self.worst_grounded) if self.worst_grounded.height else "No scored pairs.",
+            "",
+            "## Languages",
+            to_markdown_table(self.languages) if self.languages.height else "No scored pairs.",
             "",
             "## Failures by reason",
             to_markdown_table(self.failures_by_reason) if self.failures_by_reason.height else "No failures.",
@@ -110,19 +194,126 @@ class QualityReport:
         return "\n".join(lines) + "\n"
 
 
+    def plots(self) -> dict[str, bytes]:
+        """PNG images: the distribution of groundedness, failures by reason, question types per document."""
+        return {
+            "groundedness": plot_groundedness(self.groundedness),
+            "failures_by_reason": plot_failures_by_reason(self.failures_by_reason),
+            "types_per_document": plot_types_per_document(self.types_per_document),
+        }
+
+
 def build_report(storage: Storage) -> QualityReport:
+    """The report over the current outputs; pair scores are read as they are (see quality.refresh_pair_scores)."""
     with storage.connect() as connection:
 
         def frame(sql: str) -> pl.DataFrame:
-            return connection.sql(sql).pl()
+            return connection.sql(sql.replace("{ungrounded_below}", str(UNGROUNDED_BELOW))).pl()
 
-        return QualityReport(
-            summary=frame(SUMMARY_SQL).row(0, named=True),
-            per_document=frame(PER_DOCUMENT_SQL),
+        summary = frame(SUMMARY_SQL).row(0, named=True)
+        summary.update(frame(QUALITY_SQL).row(0, named=True))
+        types = frame(TYPES_PER_DOCUMENT_SQL)
+        duplicates = find_duplicate_questions(frame(PAIRS_IN_ORDER_SQL))
+        per_document = frame(PER_DOCUMENT_SQL)
+        groundedness = frame("SELECT groundedness FROM pair_scores WHERE groundedness IS NOT NULL")
+        report = QualityReport(
+            summary=summary,
+            per_document=per_document,
             failures_by_reason=frame(FAILURES_BY_REASON_SQL),
             question_types=frame(TYPES_SQL),
             throughput=frame(THROUGHPUT_SQL),
+            types_per_document=_types_table(types),
+            languages=frame(LANGUAGES_SQL),
+            worst_grounded=frame(WORST_GROUNDED_SQL),
+            duplicates=duplicates,
+            groundedness=groundedness["groundedness"].to_list(),
         )
+    by_scope = dict(duplicates.group_by("scope").len().iter_rows())
+    attempted = (summary["chunks_with_pairs"] or 0) + (summary["chunks_failed"] or 0)
+    summary.update(
+        duplicates_in_chunk=by_scope.get("chunk", 0),
+        duplicates_in_document=by_scope.get("document", 0),
+        duplicates_across_documents=by_scope.get("dataset", 0),
+        type_balance=type_balance(dict(types.group_by("type").agg(pl.col("pairs").sum()).iter_rows())),
+        truncation_rate=(summary["chunks_truncated"] or 0) / attempted if attempted else None,
+    )
+    return report
+
+
+def _types_table(types: pl.DataFrame) -> pl.DataFrame:
+    """One row per document, one column per question type, and the balance of the types."""
+    if types.height == 0:
+        return pl.DataFrame(schema={"document": pl.String()})
+    table = types.pivot(on="type", index="document", values="pairs").fill_null(0).sort("document")
+    kinds = [column for column in table.columns if column != "document"]
+    balance = [type_balance(dict(zip(kinds, row, strict=True))) for row in table.select(kinds).iter_rows()]
+    return table.with_columns(type_balance=pl.Series(balance, dtype=pl.Float64()))
+
+
+def _figure(height: float = 3.5):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, height), dpi=80)
+    return plt, figure, axis
+
+
+def _png(plt, figure) -> bytes:
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def plot_groundedness(values: list[float]) -> bytes:
+    plt, figure, axis = _figure()
+    if values:
+        axis.hist(values, bins=20, range=(0, 1), color="tab:blue")
+        axis.axvline(UNGROUNDED_BELOW, color="tab:red", linestyle="--", label=f"ungrounded below {UNGROUNDED_BELOW:g}")
+        axis.legend(fontsize=8)
+    else:
+        axis.text(0.5, 0.5, "no scored pairs yet", ha="center", va="center", transform=axis.transAxes)
+    axis.set_xlabel("groundedness (share of the answer's content found in its chunk)")
+    axis.set_ylabel("QA pairs")
+    axis.set_title("Distribution of groundedness")
+    return _png(plt, figure)
+
+
+def plot_failures_by_reason(failures: pl.DataFrame) -> bytes:
+    plt, figure, axis = _figure(max(2.0, 0.4 * failures.height + 1.2))
+    if failures.height:
+        axis.barh(failures["reason"].to_list()[::-1], failures["chunks"].to_list()[::-1], color="tab:red")
+        axis.set_xlabel("chunks")
+    else:
+        axis.text(0.5, 0.5, "no failures", ha="center", va="center", transform=axis.transAxes)
+        axis.set_axis_off()
+    axis.set_title("Failures by reason")
+    return _png(plt, figure)
+
+
+def plot_types_per_document(table: pl.DataFrame, max_documents: int = 30) -> bytes:
+    kinds = [column for column in table.columns if column not in ("document", "type_balance")]
+    shown = table.head(max_documents)
+    plt, figure, axis = _figure(max(2.0, 0.3 * shown.height + 1.5))
+    if shown.height and kinds:
+        names = shown["document"].to_list()[::-1]
+        left = [0] * len(names)
+        for kind in kinds:
+            counts = shown[kind].to_list()[::-1]
+            axis.barh(names, counts, left=left, label=kind)
+            left = [a + b for a, b in zip(left, counts, strict=True)]
+        axis.legend(fontsize=8, loc="lower right")
+        axis.set_xlabel("QA pairs")
+        axis.tick_params(axis="y", labelsize=7)
+    else:
+        axis.text(0.5, 0.5, "no QA pairs yet", ha="center", va="center", transform=axis.transAxes)
+        axis.set_axis_off()
+    title = "Question types per document"
+    axis.set_title(title if table.height <= max_documents else f"{title} (first {max_documents})")
+    return _png(plt, figure)
 
 
 def to_markdown_table(frame: pl.DataFrame, max_rows: int = 50) -> str:
@@ -144,6 +335,10 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value).replace("|", "\\|").replace("\n", " ")[:120]
+
+
+def _fraction(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _percent(value: float | None) -> str:

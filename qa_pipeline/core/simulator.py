@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 import select
@@ -19,14 +20,17 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -974,6 +978,76 @@ async def _serve(config: SimulatorConfig) -> None:
         await runner.cleanup()
 
 
+def run_batch(input_path: str | Path, output_path: str | Path, config: SimulatorConfig | None = None) -> int:
+    """Answer an OpenAI/vLLM batch input file as `vllm run-batch` does; returns the number of requests.
+
+    Every request goes through the same handlers as the HTTP API (served on a loopback port while the
+    batch runs, capacity model and faults included); the output has one line per request, in input
+    order: `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`.
+    """
+    return asyncio.run(_run_batch(Path(input_path), Path(output_path), config or SimulatorConfig()))
+
+
+async def _run_batch(input_path: Path, output_path: Path, config: SimulatorConfig) -> int:
+    requests = []
+    for number, text in enumerate(input_path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            request = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"{input_path}:{number}: not a JSON line: {error}") from None
+        if not isinstance(request, dict) or not {"custom_id", "url", "body"} <= request.keys():
+            raise ValueError(f"{input_path}:{number}: a batch request needs custom_id, method, url and body")
+        requests.append(request)
+
+    runner = web.AppRunner(_Simulator(config).app(), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((HOST, 0))
+    await web.SockSite(runner, sock).start()
+    base_url = f"http://{HOST}:{sock.getsockname()[1]}"
+    # As vllm run-batch: at most twice max_num_seqs requests in flight.
+    gate = asyncio.Semaphore(2 * config.max_num_seqs)
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+
+    async def answer(session: aiohttp.ClientSession, request: dict) -> dict:
+        async with gate:
+            try:
+                async with session.request(request.get("method", "POST"), base_url + request["url"],
+                                           json=request["body"]) as response:
+                    status, text = response.status, await response.text()
+            except aiohttp.ClientError as error:
+                return _batch_output(request, 400, None, f"{type(error).__name__}: {error}")
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        if status == 200:
+            return _batch_output(request, status, body, None)
+        return _batch_output(request, status, None, body if body is not None else text)
+
+    try:
+        async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=None)) as session:
+            lines = await asyncio.gather(*(answer(session, request) for request in requests))
+    finally:
+        await runner.cleanup()
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = output_path.with_name(f".{output_path.name}.partial")
+    partial.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    os.replace(partial, output_path)
+    return len(lines)
+
+
+def _batch_output(request: dict, status: int, body: Any, error: Any) -> dict:
+    return {
+        "id": f"vllm-{uuid.uuid4().hex}",
+        "custom_id": request["custom_id"],
+        "response": {"status_code": status, "request_id": f"vllm-batch-{uuid.uuid4().hex}", "body": body},
+        "error": error,
+    }
+
+
 def _fault_kinds(text: str) -> list[FaultKind]:
     try:
         return [FaultKind(kind.strip()) for kind in text.split(",") if kind.strip()]
@@ -1149,9 +1223,23 @@ def _kill_quietly(process: subprocess.Popen[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["batch"]:
+        batch = argparse.ArgumentParser(
+            prog="python -m qa_pipeline.core.simulator batch",
+            description="Answer a batch input file (JSONL) into a batch output file, as `vllm run-batch` does.",
+        )
+        batch.add_argument("input_file")
+        batch.add_argument("output_file")
+        add_simulator_arguments(batch)
+        args = batch.parse_args(argv[1:])
+        count = run_batch(args.input_file, args.output_file, config_from_args(args))
+        print(f"{count} requests answered into {args.output_file}")
+        return
     parser = argparse.ArgumentParser(
         prog="python -m qa_pipeline.core.simulator",
-        description="Simulated vLLM OpenAI-compatible server with a capacity model and fault injection.",
+        description="Simulated vLLM OpenAI-compatible server with a capacity model and fault injection. "
+        "`python -m qa_pipeline.core.simulator batch IN OUT` answers a batch file instead.",
     )
     add_simulator_arguments(parser)
     serve(config_from_args(parser.parse_args(argv)))

@@ -73,6 +73,59 @@ BENCHMARK_SCHEMA: dict[str, pl.DataType] = {
     "recommended": pl.Boolean(),
 }
 
+# Heuristic quality of each QA pair, one row per `qa_pairs` row (joined on document, chunk_id, pair_index).
+PAIR_SCORES_SCHEMA: dict[str, pl.DataType] = {
+    "document": pl.String(),
+    "chunk_id": pl.String(),
+    "pair_index": pl.Int32(),
+    "groundedness": pl.Float64(),
+    "content_terms": pl.Int32(),
+    "unsupported_numbers": pl.List(pl.String()),
+    "unsupported_names": pl.List(pl.String()),
+    "refusal": pl.Boolean(),
+    "question_normalized": pl.String(),
+    "duplicate_scope": pl.String(),
+    "duplicate_of_chunk_id": pl.String(),
+    "duplicate_of_pair_index": pl.Int32(),
+    "duplicate_similarity": pl.Float64(),
+    "question_words": pl.Int32(),
+    "answer_words": pl.Int32(),
+    "language": pl.String(),
+    "chunk_language": pl.String(),
+    "scorer_version": pl.String(),
+}
+
+# Questions that repeat an earlier question anywhere in the dataset (written by quality_report).
+QUESTION_DUPLICATES_SCHEMA: dict[str, pl.DataType] = {
+    "document": pl.String(),
+    "chunk_id": pl.String(),
+    "pair_index": pl.Int32(),
+    "duplicate_of_document": pl.String(),
+    "duplicate_of_chunk_id": pl.String(),
+    "duplicate_of_pair_index": pl.Int32(),
+    "similarity": pl.Float64(),
+    "scope": pl.String(),
+}
+
+# LLM-as-judge verdicts on a sample of pairs, one file per judged_sample run.
+JUDGEMENTS_SCHEMA: dict[str, pl.DataType] = {
+    "run_id": pl.String(),
+    "judged_at": pl.Datetime("us", "UTC"),
+    "judge_model": pl.String(),
+    "judge_endpoint": pl.String(),
+    "document": pl.String(),
+    "chunk_id": pl.String(),
+    "pair_index": pl.Int32(),
+    "rating": pl.String(),
+    "hallucination": pl.Boolean(),
+    "reasoning": pl.String(),
+    "failure_reason": pl.String(),
+    "failure_detail": pl.String(),
+    "latency_s": pl.Float64(),
+    "groundedness": pl.Float64(),
+    "heuristic_flagged": pl.Boolean(),
+}
+
 
 class ChunkResult(BaseModel):
     """The durable record of one finished chunk: its QA pairs or why it has none."""
@@ -148,8 +201,28 @@ class Journal:
 
     def __enter__(self) -> Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_cut_line()
         self._handle = self.path.open("a", encoding="utf-8")
         return self
+
+    def _drop_cut_line(self) -> None:
+        """A last line cut short by a crash holds no finished chunk; left in place, the next append
+        would be glued to it and lost too, so it is cut off before appending."""
+        if not self.path.exists():
+            return
+        with self.path.open("rb+") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            position = end
+            while position > 0:
+                start = max(0, position - (1 << 16))
+                handle.seek(start)
+                newline = handle.read(position - start).rfind(b"\n")
+                if newline != -1:
+                    if start + newline + 1 < end:
+                        handle.truncate(start + newline + 1)
+                    return
+                position = start
+            handle.truncate(0)
 
     def __exit__(self, *exc_info) -> None:
         if self._handle is not None:
@@ -263,6 +336,9 @@ class Storage:
             "qa_pairs": QA_PAIRS_SCHEMA,
             "failures": FAILURES_SCHEMA,
             "benchmark_runs": BENCHMARK_SCHEMA,
+            "pair_scores": PAIR_SCORES_SCHEMA,
+            "question_duplicates": QUESTION_DUPLICATES_SCHEMA,
+            "judgements": JUDGEMENTS_SCHEMA,
         }
         return {name: self._view_sql(name, schema) for name, schema in schemas.items()}
 

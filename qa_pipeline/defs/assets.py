@@ -1,22 +1,24 @@
 """The asset graph: source documents → chunks → test sample → concurrency benchmark → QA pairs → report."""
 
 
+import os
+
 import dagster as dg
 import polars as pl
 
 from qa_pipeline.core import benchmark as bench
 from qa_pipeline.core.chunking import chunk_document, chunks_to_frame
-from qa_pipeline.core.concurrency import FixedLimit
+from qa_pipeline.core.concurrency import AdaptiveLimit, FixedLimit
 from qa_pipeline.core.documents import DocumentError, discover_documents, read_document
-from qa_pipeline.core.generation import ChunkTask, GenerationSettings, Generator
+from qa_pipeline.core.generation import ChunkTask, GenerationReport, GenerationSettings, Generator
+from qa_pipeline.core.plots import plot_generation_telemetry, telemetry_summary
 from qa_pipeline.core.prompts import DEFAULT_QUESTION_TYPES, PROMPT_VERSION, build_messages
+from qa_pipeline.core.quality import refresh_pair_scores, score_partition
 from qa_pipeline.core.report import build_report, to_markdown_table
 from qa_pipeline.core.sampling import stratified_sample
 from qa_pipeline.core.storage import results_to_frames, write_parquet_atomic, write_text_atomic
 from qa_pipeline.defs.partitions import documents
-from qa_pipeline.defs.resources import LLMResource, StorageResource
-
-DEFAULT_CONCURRENCY = 16
+from qa_pipeline.defs.resources import MODEL_ENV, LLMResource, StorageResource
 
 
 class ChunkingConfig(dg.Config):
@@ -47,7 +49,9 @@ class BenchmarkConfig(GenerationConfig):
 
 
 class QAPairsConfig(GenerationConfig):
-    concurrency: int | None = None  # None: the benchmark's recommended level
+    concurrency: int | None = None  # None: the benchmark's recommended level, else adaptive
+    adaptive_concurrency: bool = False  # `--concurrency auto`: follow the server's load instead of a fixed level
+    max_concurrency: int = 256  # the adaptive limit never goes above this
     failure_threshold: float = 0.05
     stall_timeout_s: float = 900.0
     progress_interval_s: float = 10.0
@@ -151,86 +155,182 @@ async def concurrency_benchmark(
 @dg.asset(
     partitions_def=documents,
     deps=[chunks, concurrency_benchmark],
-    code_version=PROMPT_VERSION,
+    # A new prompt or model marks every partition stale in the UI (read when the code loads).
+    code_version=f"{PROMPT_VERSION}+{os.environ.get(MODEL_ENV) or 'embedded'}",
     pool="llm_server",
 )
 async def qa_pairs(
     context: dg.AssetExecutionContext, config: QAPairsConfig, llm: LLMResource, storage: StorageResource
 ) -> dg.MaterializeResult:
-    """QA pairs for every chunk of one document; failures are recorded, and fail the partition above a threshold."""
-    document = context.partition_key
-    chunk_frame = storage.storage.read_partition("chunks", document)
-    if chunk_frame is None:
-        raise dg.Failure(f"no chunks for {document!r}: materialize `chunks` for this partition first")
-    tasks = [
-        ChunkTask(document, row["chunk_id"], row["content"], tuple(row["heading_path"]))
-        for row in chunk_frame.iter_rows(named=True)
-    ]
-    concurrency = config.concurrency or bench.latest_recommendation(storage.storage)
-    if concurrency is None:
-        concurrency = DEFAULT_CONCURRENCY
-        context.log.warning(
-            f"no concurrency benchmark yet and no concurrency configured: using {DEFAULT_CONCURRENCY}"
-        )
+    """QA pairs for every chunk of one document; failures are recorded, and fail the partition above a threshold.
+
+    A run may cover several documents (a backfill under a multi-partition backfill policy): their
+    chunks then share one work queue, so small documents keep the server busy together, and a
+    document over the threshold still fails alone (see _several_documents_result).
+    """
+    documents_in_run = context.partition_keys
+    tasks, missing = _chunk_tasks(documents_in_run, storage)
+    if missing and len(documents_in_run) == 1:
+        raise dg.Failure(f"no chunks for {missing[0]!r}: materialize `chunks` for this partition first")
+    limiter = _concurrency_limit(context, config, storage)
     generator = Generator(
         llm.client,
         storage.layout,
         config.settings(),
-        FixedLimit(concurrency),
+        limiter,
         log=context.log.info,
         progress_interval_s=config.progress_interval_s,
         stall_timeout_s=config.stall_timeout_s,
         force=config.force_regenerate,
     )
-    report = await generator.run(tasks)
-    pairs, failures = results_to_frames(report.results[document])
+    report = await generator.run(tasks) if tasks else GenerationReport(results={})
+    run_metadata = {
+        "requests_sent": report.sent,
+        "chunks_from_cache": report.cached,
+        "concurrency": "auto" if isinstance(limiter, AdaptiveLimit) else limiter.limit,
+        **telemetry_summary(report.telemetry),
+        "output_tokens_per_s": report.output_tokens_per_s,
+        "duration_s": report.duration_s,
+    }
+    if len(report.telemetry) > 1:
+        title = f"qa_pairs {documents_in_run[0]}" if len(documents_in_run) == 1 else f"qa_pairs ({len(tasks)} chunks)"
+        plot = plot_generation_telemetry(report.telemetry, title)
+        run_metadata["throughput_plot"] = dg.MetadataValue.md(_inline_png(plot, "throughput, concurrency and server load"))
+    outcomes = {
+        document: _document_outcome(document, report, storage, config.failure_threshold)
+        for document in documents_in_run
+        if document not in missing
+    }
+    if len(documents_in_run) > 1:
+        return _several_documents_result(context, outcomes, missing, run_metadata)
+    metadata, failure = outcomes[documents_in_run[0]]
+    metadata = {**metadata, **run_metadata}
+    if failure is not None:
+        raise dg.Failure(description=failure, metadata=metadata)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _chunk_tasks(documents_in_run: list[str], storage: StorageResource) -> tuple[list[ChunkTask], list[str]]:
+    """The chunks to ask about, and the documents that have no chunks yet."""
+    tasks, missing = [], []
+    for document in documents_in_run:
+        chunk_frame = storage.storage.read_partition("chunks", document)
+        if chunk_frame is None:
+            missing.append(document)
+            continue
+        tasks.extend(
+            ChunkTask(document, row["chunk_id"], row["content"], tuple(row["heading_path"]))
+            for row in chunk_frame.iter_rows(named=True)
+        )
+    return tasks, missing
+
+
+def _document_outcome(
+    document: str, report: GenerationReport, storage: StorageResource, failure_threshold: float
+) -> tuple[dict, str | None]:
+    """Writes one document's tables; its metadata, and why it fails (None when under the threshold)."""
+    results = report.results[document]
+    pairs, failures = results_to_frames(results)
     storage.storage.write_partition("qa_pairs", document, pairs)
     storage.storage.write_partition("failures", document, failures)
+    score_partition(storage.storage, document)  # pair_scores, read by the asset checks
     failure_rate = report.failure_rate(document)
     metadata = {
         "dagster/row_count": pairs.height,
-        "chunks": len(tasks),
+        "chunks": len(results),
         "chunks_failed": failures.height,
         "failure_rate": failure_rate,
-        "requests_sent": report.sent,
-        "chunks_from_cache": report.cached,
-        "concurrency": concurrency,
-        "output_tokens_per_s": report.output_tokens_per_s,
-        "duration_s": report.duration_s,
         "failures_by_reason": dg.MetadataValue.json(
             failures.group_by("reason").len().sort("reason").to_dicts() if failures.height else []
         ),
     }
-    if failure_rate > config.failure_threshold:
-        raise dg.Failure(
-            description=(
-                f"{failures.height} of {len(tasks)} chunks of {document!r} failed ({failure_rate:.1%} > "
-                f"threshold {config.failure_threshold:.1%}). Finished chunks are saved; re-run this "
-                "partition to retry only the failed chunks."
-            ),
-            metadata=metadata,
-        )
-    return dg.MaterializeResult(metadata=metadata)
+    if failure_rate <= failure_threshold:
+        return metadata, None
+    return metadata, (
+        f"{failures.height} of {len(results)} chunks of {document!r} failed ({failure_rate:.1%} > "
+        f"threshold {failure_threshold:.1%}). Finished chunks are saved; re-run this "
+        "partition to retry only the failed chunks."
+    )
 
 
-@dg.asset(deps=[qa_pairs], code_version="report-v1")
+def _several_documents_result(
+    context: dg.AssetExecutionContext, outcomes: dict, missing: list[str], run_metadata: dict
+) -> dg.MaterializeResult:
+    """The end of a run that covers several documents.
+
+    Dagster records a materialization for every partition of a run that succeeds, and none for a
+    run that fails. So when some documents fail, each one that passed is recorded here as
+    materialized, with its own metadata, before the step fails: the failed partitions alone show
+    as failed, and a re-run of them sends only their failed chunks.
+    """
+    failed = {document: failure for document, (_, failure) in outcomes.items() if failure is not None}
+    failed.update({document: "no chunks: materialize `chunks` for this partition first" for document in missing})
+    totals = {
+        "documents": len(outcomes) + len(missing),
+        "dagster/row_count": sum(metadata["dagster/row_count"] for metadata, _ in outcomes.values()),
+        "chunks": sum(metadata["chunks"] for metadata, _ in outcomes.values()),
+        "chunks_failed": sum(metadata["chunks_failed"] for metadata, _ in outcomes.values()),
+    }
+    if not failed:
+        return dg.MaterializeResult(metadata={**totals, **run_metadata})
+    for document, (metadata, failure) in outcomes.items():
+        if failure is None:
+            context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=document, metadata=metadata))
+    listed = "; ".join(f"{document}: {reason}" for document, reason in sorted(failed.items())[:10])
+    raise dg.Failure(
+        description=(
+            f"{len(failed)} of {totals['documents']} documents failed ({listed}"
+            f"{'; ...' if len(failed) > 10 else ''}). The other {totals['documents'] - len(failed)} are materialized."
+        ),
+        metadata={**totals, "documents_failed": len(failed), **run_metadata},
+    )
+
+
+@dg.asset(deps=[qa_pairs], code_version="report-v2")
 def quality_report(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    """Counts, success rate, failures by reason, question types, latency and throughput over all documents."""
+    """Counts, success rate, groundedness, refusals, duplicates, question types, languages, failures by
+    reason, latency and throughput, overall and per document; writes the `question_duplicates` table."""
+    rescored = refresh_pair_scores(storage.storage)
+    if rescored:
+        context.log.info(f"scored {len(rescored)} documents whose pair_scores were missing or out of date")
     report = build_report(storage.storage)
+    storage.storage.write_partition("question_duplicates", "dataset", report.duplicates)
     markdown = report.markdown()
     path = storage.layout.report_dir / "quality_report.md"
     write_text_atomic(markdown, path)
+    plots = {
+        f"plot/{name}": dg.MetadataValue.md(_inline_png(image, name.replace("_", " ")))
+        for name, image in report.plots().items()
+    }
     return dg.MaterializeResult(
         metadata={
             **{f"summary/{k}": v for k, v in report.summary.items() if isinstance(v, (int, float))},
+            "per_document": dg.MetadataValue.md(to_markdown_table(report.per_document)),
+            **plots,
             "report": dg.MetadataValue.md(markdown),
             "path": dg.MetadataValue.path(str(path)),
         }
     )
 
 
-def _inline_png(path) -> str:
+def _concurrency_limit(
+    context: dg.AssetExecutionContext, config: QAPairsConfig, storage: StorageResource
+) -> FixedLimit | AdaptiveLimit:
+    """The configured level, else the benchmark's recommendation, else a limit that adapts to the server."""
+    if config.adaptive_concurrency:
+        return AdaptiveLimit(max_limit=config.max_concurrency)
+    level = config.concurrency or bench.latest_recommendation(storage.storage)
+    if level is None:
+        context.log.warning(
+            "no concurrency benchmark yet and no concurrency configured: adapting to the server's load "
+            f"(concurrency auto, at most {config.max_concurrency})"
+        )
+        return AdaptiveLimit(max_limit=config.max_concurrency)
+    return FixedLimit(level)
+
+
+def _inline_png(image, alt: str = "concurrency sweep") -> str:
     import base64
 
-    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"![concurrency sweep](data:image/png;base64,{encoded})"
+    data = image if isinstance(image, bytes) else image.read_bytes()
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode('ascii')})"

@@ -1,0 +1,68 @@
+"""Optional quality assets: `judged_sample`, an LLM-as-judge over a seeded sample of QA pairs, and the
+`judge` resource (QA_PIPELINE_JUDGE_BASE_URL / QA_PIPELINE_JUDGE_MODEL, else the generator's server)."""
+
+import os
+
+import dagster as dg
+
+from qa_pipeline.core import judge as judging
+from qa_pipeline.core.quality import QualityThresholds, refresh_pair_scores
+from qa_pipeline.core.report import to_markdown_table
+from qa_pipeline.defs.assets import qa_pairs
+from qa_pipeline.defs.resources import LLMResource, StorageResource
+
+JUDGE_BASE_URL_ENV = "QA_PIPELINE_JUDGE_BASE_URL"
+JUDGE_MODEL_ENV = "QA_PIPELINE_JUDGE_MODEL"
+
+
+class JudgeConfig(dg.Config):
+    sample_size: int = 50
+    seed: int = 0
+    concurrency: int = 8
+    max_tokens: int = 512
+    ungrounded_below: float = QualityThresholds().ungrounded_below  # what the heuristics call ungrounded
+
+
+@dg.asset(deps=[qa_pairs], pool="llm_server", kinds={"duckdb"})
+async def judged_sample(
+    context: dg.AssetExecutionContext, config: JudgeConfig, judge: LLMResource, storage: StorageResource
+) -> dg.MaterializeResult:
+    """A seeded sample of QA pairs rated A/B/C (and hallucinated or not) by an LLM judge, stored in the
+    `judgements` view, with the agreement between the judge and the heuristic scores."""
+    refresh_pair_scores(storage.storage)
+    sample = judging.sample_pairs(storage.storage, config.sample_size, config.seed)
+    if sample.height == 0:
+        raise dg.Failure("no QA pairs to judge yet: materialize qa_pairs for at least one document first")
+    judgements = await judging.judge_pairs(
+        judge.client,
+        sample,
+        context.run_id,
+        concurrency=config.concurrency,
+        max_tokens=config.max_tokens,
+        thresholds=QualityThresholds(ungrounded_below=config.ungrounded_below),
+        log=context.log.warning,
+    )
+    storage.storage.write_partition("judgements", context.run_id, judgements)
+    summary, by_rating = judging.agreement(judgements)
+    return dg.MaterializeResult(
+        metadata={
+            **{key: value for key, value in summary.items() if value is not None},
+            "judge_model": judge.client.model or "",
+            "by_rating": dg.MetadataValue.md(to_markdown_table(by_rating)),
+            "dagster/row_count": judgements.height,
+        }
+    )
+
+
+@dg.definitions
+def judge_resources() -> dg.Definitions:
+    """The judge is a second client; unset judge variables fall back to the generator's (read at load)."""
+    return dg.Definitions(
+        assets=[judged_sample],
+        resources={
+            "judge": LLMResource(
+                base_url=os.environ.get(JUDGE_BASE_URL_ENV) or None,
+                model=os.environ.get(JUDGE_MODEL_ENV) or None,
+            )
+        }
+    )

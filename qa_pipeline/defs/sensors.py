@@ -1,0 +1,234 @@
+"""Change-driven regeneration: new and changed documents regenerate their own partition, deleted ones
+lose theirs, and the report follows. The folder→partitions sync shared with `qa-pipeline run` is here too.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import dagster as dg
+
+from qa_pipeline.core.documents import SourceChanges, compare_sources, discover_documents
+from qa_pipeline.core.layout import DataLayout
+from qa_pipeline.core.storage import Storage
+from qa_pipeline.defs.assets import chunks, qa_pairs, quality_report, source_documents
+from qa_pipeline.defs.partitions import documents
+from qa_pipeline.defs.resources import StorageResource
+
+SENSOR_INTERVAL_ENV = "QA_PIPELINE_SOURCES_SENSOR_INTERVAL_S"
+DEFAULT_SENSOR_INTERVAL_S = 60
+
+# Every run started by change detection carries this tag (the CLI's runs carry launched_by=cli), so
+# the run queue can limit them: see `tag_concurrency_limits` in deploy/dagster-dev.yaml.
+LAUNCHED_BY_TAG = "qa_pipeline/launched_by"
+SOURCE_CHANGE = "source_change"
+CONTENT_HASH_TAG = "qa_pipeline/content_hash"
+
+REGENERATION_TARGET = [chunks, qa_pairs]
+
+# Dagster records an asset event's data version under this tag (and indexes it per partition).
+_DATA_VERSION_TAG = "dagster/data_version"
+
+
+def source_changes(
+    instance: dg.DagsterInstance, layout: DataLayout, acted_on: Mapping[str, str] | None = None
+) -> SourceChanges:
+    """How the sources folder differs from the instance's partitions and from `acted_on` (key → hash).
+
+    A partition missing from `acted_on` falls back to what the instance recorded: the hash last
+    observed for `source_documents` or the one its `chunks` were built from (`qa-pipeline run`
+    records only the latter), so a lost cursor does not regenerate everything. With `acted_on`
+    None only partitions are compared.
+    """
+    present = {source.key: source.content_hash for source in discover_documents(layout.sources_dir)}
+    partitions = instance.get_dynamic_partitions(documents.name)
+    if acted_on is None:
+        return compare_sources(present, partitions)
+    unknown = [key for key in partitions if key in present and key not in acted_on]
+    return compare_sources(present, partitions, {**_recorded_hashes(instance, unknown, present), **acted_on})
+
+
+def sync_document_partitions(instance: dg.DagsterInstance, layout: DataLayout) -> SourceChanges:
+    """Adds a partition per new document and removes each deleted one with its outputs (the CLI's sync)."""
+    changes = source_changes(instance, layout)
+    apply_partition_changes(instance, layout, changes)
+    return changes
+
+
+def apply_partition_changes(instance: dg.DagsterInstance, layout: DataLayout, changes: SourceChanges) -> None:
+    if changes.added:
+        instance.add_dynamic_partitions(documents.name, list(changes.added))
+    for key in changes.removed:
+        instance.delete_dynamic_partition(documents.name, key)
+    delete_outputs(layout, changes.removed)
+
+
+def delete_outputs(layout: DataLayout, keys: Sequence[str]) -> None:
+    """Parquet files and journal of deleted documents, so their rows leave the DuckDB views."""
+    storage = Storage(layout)
+    for key in keys:
+        storage.delete_partition(key)
+
+
+def refusal_to_empty(changes: SourceChanges, layout: DataLayout) -> str | None:
+    """Why an unattended tick must not delete every document's outputs at once, or None."""
+    if changes.removed and not changes.hashes:
+        return (
+            f"the sources folder {layout.sources_dir} is empty but {len(changes.removed)} documents have "
+            "outputs: not deleting them automatically (an unmounted or emptied folder would erase the "
+            "dataset). If every document was really removed, run `qa-pipeline run` once to delete them."
+        )
+    return None
+
+
+def regeneration_requests(changes: SourceChanges, run_keys: bool = False) -> list[dg.RunRequest]:
+    """One run of `chunks` + `qa_pairs` per new or changed document (`quality_report_sensor` follows)."""
+    return [
+        dg.RunRequest(
+            run_key=key if run_keys else None,
+            asset_selection=[chunks.key, qa_pairs.key],
+            partition_key=key,
+            tags={LAUNCHED_BY_TAG: SOURCE_CHANGE, CONTENT_HASH_TAG: changes.hashes[key]},
+        )
+        for key in changes.to_generate
+    ]
+
+
+def source_observations(changes: SourceChanges) -> list[dg.AssetObservation]:
+    """The content hash of each new or changed document, as the data version of its `source_documents`."""
+    return [
+        dg.AssetObservation(
+            asset_key=source_documents.key,
+            partition=key,
+            tags={_DATA_VERSION_TAG: changes.hashes[key]},
+            metadata={"content_hash": changes.hashes[key]},
+        )
+        for key in changes.to_generate
+    ]
+
+
+def describe(changes: SourceChanges) -> str:
+    parts = [
+        f"{len(keys)} {label} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})"
+        for label, keys in (("new", changes.added), ("changed", changes.changed), ("deleted", changes.removed))
+        if keys
+    ]
+    return "documents: " + "; ".join(parts) if parts else "no document changed"
+
+
+@dg.sensor(
+    target=REGENERATION_TARGET,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=int(os.environ.get(SENSOR_INTERVAL_ENV) or DEFAULT_SENSOR_INTERVAL_S),
+    description=(
+        "Hashes every file under the sources folder: a new or changed document regenerates its own "
+        "partition (chunks, qa_pairs; the cache makes unchanged chunks free), a deleted one loses its "
+        f"partition and outputs. Interval: ${SENSOR_INTERVAL_ENV} (default {DEFAULT_SENSOR_INTERVAL_S} s)."
+    ),
+)
+def source_documents_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
+    """Observes the folder by content hash, with a cursor of key → hash the pipeline last acted on.
+
+    Why a sensor with a cursor rather than declarative automation on the observable
+    `source_documents`: only a sensor (or code holding the instance) can add and delete dynamic
+    partitions, so one is needed anyway, and the cursor makes a tick request exactly the new and
+    changed documents. Touching a file changes its mtime, not its hash, and requests nothing; a
+    document whose run fails is requested once per content change, not on every tick. Each request
+    is also recorded as an observation of `source_documents` (data version = content hash), so the
+    UI shows each document's version and marks its outputs stale until the run lands, and the
+    schedule, which has no cursor, knows what was already requested.
+    """
+    layout = storage.layout
+    acted_on = json.loads(context.cursor) if context.cursor else {}
+    changes = source_changes(context.instance, layout, acted_on)
+    if refusal := refusal_to_empty(changes, layout):
+        return dg.SensorResult(skip_reason=refusal)
+    # Deleted before the partition is: a tick that fails in between deletes them again next time.
+    delete_outputs(layout, changes.removed)
+    if changes:
+        context.log.info(describe(changes))
+    return dg.SensorResult(
+        run_requests=regeneration_requests(changes),
+        skip_reason=None if changes else describe(changes),
+        dynamic_partitions_requests=[
+            *([documents.build_add_request(list(changes.added))] if changes.added else []),
+            *([documents.build_delete_request(list(changes.removed))] if changes.removed else []),
+        ],
+        asset_events=source_observations(changes),
+        cursor=json.dumps(dict(changes.hashes), sort_keys=True),
+    )
+
+
+@dg.sensor(
+    target=[quality_report],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description=(
+        "Refreshes `quality_report` when `qa_pairs` has landed since the last report or documents were "
+        "deleted, once no run writing `qa_pairs` or the report is queued or running."
+    ),
+)
+def quality_report_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    """Compares event-log positions (latest `qa_pairs` vs latest report) instead of reacting to updates
+    between two ticks, so a `qa_pairs` partition landing while a report is written is never lost (an
+    `any_deps_updated().since_last_handled()` automation condition loses it). The cursor is a digest
+    of the documents the last report saw: a deletion changes it without any new `qa_pairs`.
+    """
+    instance = context.instance
+    documents_now = _digest(instance.get_dynamic_partitions(documents.name))
+    generated, reported = _latest_storage_id(instance, qa_pairs), _latest_storage_id(instance, quality_report)
+    documents_changed = context.cursor is not None and context.cursor != documents_now
+    if not (generated > reported or (documents_changed and generated)):
+        return dg.SensorResult(skip_reason="the report is up to date", cursor=documents_now)
+    if _writes_in_flight(instance):
+        return dg.SensorResult(skip_reason="waiting for runs that write qa_pairs or the report", cursor=context.cursor)
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(asset_selection=[quality_report.key], tags={LAUNCHED_BY_TAG: SOURCE_CHANGE})],
+        cursor=documents_now,
+    )
+
+
+_IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def _writes_in_flight(instance: dg.DagsterInstance) -> bool:
+    watched = {qa_pairs.key, quality_report.key}
+    return any(
+        run.asset_selection is None or run.asset_selection & watched
+        for run in instance.get_runs(dg.RunsFilter(statuses=_IN_FLIGHT))
+    )
+
+
+def _latest_storage_id(instance: dg.DagsterInstance, asset: dg.AssetsDefinition) -> int:
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=asset.key), limit=1).records
+    return records[0].storage_id if records else 0
+
+
+def _digest(keys: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(keys)).encode("utf-8")).hexdigest()
+
+
+def _recorded_hashes(instance: dg.DagsterInstance, keys: Sequence[str], present: Mapping[str, str]) -> dict[str, str]:
+    if not keys:
+        return {}
+    event_log = instance.event_log_storage
+    recorded = [
+        event_log.get_latest_tags_by_partition(asset.key, event_type, [_DATA_VERSION_TAG], asset_partitions=list(keys))
+        for asset, event_type in (
+            (source_documents, dg.DagsterEventType.ASSET_OBSERVATION),
+            (chunks, dg.DagsterEventType.ASSET_MATERIALIZATION),
+        )
+    ]
+    known = {}
+    for key in keys:
+        versions = [by_key[key][_DATA_VERSION_TAG] for by_key in recorded if _DATA_VERSION_TAG in by_key.get(key, {})]
+        if versions:
+            # Either record counts: requested (observed) at this content, or built from it.
+            known[key] = present[key] if present[key] in versions else versions[0]
+    return known

@@ -1,0 +1,218 @@
+"""On a real Dagster instance: a backfill's failed partitions re-run alone, and run termination is graceful.
+
+Backfills are launched and re-executed with the GraphQL mutations the Dagster UI sends, and their runs
+are launched by the instance's run launcher as run-worker processes, as in production. Only the backfill
+daemon's loop is replaced: the test calls the daemon's own iteration (the code `dagster-daemon run`
+executes every 30 seconds) whenever it wants the next step, so it never waits for a 30-second tick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+from dagster._core.storage.tags import BACKFILL_ID_TAG, PARTITION_NAME_TAG
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import WorkspaceFileTarget
+from dagster._daemon.backfill import execute_backfill_iteration
+from dagster_graphql.test.utils import execute_dagster_graphql
+
+from qa_pipeline.core.layout import DataLayout
+from qa_pipeline.core.simulator import passage_key
+from qa_pipeline.core.storage import Storage
+from qa_pipeline.pipeline import sync_document_partitions
+from qa_pipeline_tests.conftest import REPO, cli_env, run_cli
+
+FAST = {"step_base_ms": 1, "step_per_seq_ms": 0.05, "output_tokens_mean": 30, "output_tokens_max": 200}
+MARKER = "QUARANTINED"
+# The run config a user would put in the backfill dialog: one process per run, quick retries.
+RUN_CONFIG = {
+    "execution": {"config": {"in_process": {}}},
+    "ops": {"qa_pairs": {"config": {"concurrency": 4, "max_tokens": 512}}},
+    "resources": {"llm": {"config": {"max_retries": 1, "backoff_base_s": 0.05}}},
+}
+LAUNCH_BACKFILL = """
+mutation($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+  }
+}"""
+REEXECUTE_BACKFILL = """
+mutation($params: ReexecutionParams!) {
+  reexecutePartitionBackfill(reexecutionParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+  }
+}"""
+TERMINATE_RUN = """
+mutation($runId: String!) {
+  terminateRun(runId: $runId) {
+    __typename
+    ... on TerminateRunFailure { message }
+    ... on PythonError { message }
+  }
+}"""
+DAGSTER_YAML = """
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: DefaultRunCoordinator
+telemetry:
+  enabled: false
+"""
+
+
+class Dagster:
+    """A temporary instance, the project's code location as `dagster dev` loads it, and GraphQL on it."""
+
+    def __init__(self, instance: dg.DagsterInstance, workspace: WorkspaceProcessContext):
+        self.instance = instance
+        self.workspace = workspace
+
+    def graphql(self, query: str, variables: dict) -> dict:
+        result = execute_dagster_graphql(self.workspace.create_request_context(), query, variables)
+        assert not result.errors, result.errors
+        (answer,) = result.data.values()
+        assert answer["__typename"] in ("LaunchBackfillSuccess", "TerminateRunSuccess"), answer
+        return answer
+
+    def launch_backfill(self, partitions: list[str]) -> str:
+        params = {
+            "assetSelection": [{"path": ["chunks"]}, {"path": ["qa_pairs"]}],
+            "partitionNames": partitions,
+            "runConfigData": RUN_CONFIG,
+        }
+        return self.graphql(LAUNCH_BACKFILL, {"params": params})["backfillId"]
+
+    def reexecute_from_failure(self, backfill_id: str) -> str:
+        params = {"parentRunId": backfill_id, "strategy": "FROM_FAILURE"}
+        return self.graphql(REEXECUTE_BACKFILL, {"params": params})["backfillId"]
+
+    def daemon_step(self) -> None:
+        list(execute_backfill_iteration(self.workspace, logging.getLogger("backfill daemon")))
+
+    def finish_backfill(self, backfill_id: str, timeout_s: float = 240) -> dg.BulkActionStatus:
+        deadline = time.monotonic() + timeout_s
+        while (status := self.instance.get_backfill(backfill_id).status) == dg.BulkActionStatus.REQUESTED:
+            assert time.monotonic() < deadline, f"backfill {backfill_id} still running after {timeout_s} s"
+            self.daemon_step()
+            time.sleep(0.5)
+        return status
+
+    def runs_by_partition(self, backfill_id: str) -> dict[str, dg.DagsterRun]:
+        runs = self.instance.get_runs(dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
+        return {run.tags[PARTITION_NAME_TAG]: run for run in runs}
+
+
+@contextmanager
+def dagster_on(tmp_path: Path, base_url: str, monkeypatch) -> Iterator[tuple[Dagster, DataLayout]]:
+    """`DAGSTER_HOME`, data folder and LLM endpoint as a user sets them before `dagster dev`."""
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    layout = DataLayout(tmp_path / "data")
+    layout.sources_dir.mkdir(parents=True, exist_ok=True)
+    for name, value in cli_env(layout.root, base_url).items():
+        monkeypatch.setenv(name, value)  # the code server and the run workers inherit them
+    with dg.DagsterInstance.get() as instance:
+        with WorkspaceProcessContext(instance, WorkspaceFileTarget(paths=[str(REPO / "workspace.yaml")])) as workspace:
+            yield Dagster(instance, workspace), layout
+
+
+def write_document(layout: DataLayout, index: int, marked: bool) -> list[str]:
+    """A document of three sections (three chunks); a marked one has the marker in its second section."""
+    parts = [
+        f"Document {index}, part {part}: the archive job keeps {part + index} copies for {index + 3} days."
+        + (f" It is {MARKER} until the audit ends." if marked and part == 1 else "")
+        for part in range(3)
+    ]
+    body = "\n\n".join(f"## Part {part}\n\n{text}" for part, text in enumerate(parts))
+    (layout.sources_dir / f"doc-{index:02d}.md").write_text(f"# Document {index}\n\n{body}\n")
+    return parts
+
+
+def test_a_backfill_fails_exactly_the_bad_partitions_and_re_execution_from_failure_reruns_only_their_failed_chunks(
+    simulator, tmp_path, monkeypatch
+):
+    sim = simulator(**FAST, fail_if_contains=[MARKER])
+    with dagster_on(tmp_path, sim.base_url, monkeypatch) as (dagster, layout):
+        marked = {3, 7}
+        texts = {i: write_document(layout, i, i in marked) for i in range(10)}
+        sync_document_partitions(dagster.instance, layout)
+        partitions = sorted(dagster.instance.get_dynamic_partitions("documents"))
+        assert len(partitions) == 10
+
+        first = dagster.launch_backfill(partitions)
+        assert dagster.finish_backfill(first) == dg.BulkActionStatus.COMPLETED_FAILED
+        runs = dagster.runs_by_partition(first)
+        failed = {key for key, run in runs.items() if run.status == dg.DagsterRunStatus.FAILURE}
+        assert failed == {"doc-03.md", "doc-07.md"}
+        assert all(runs[key].status == dg.DagsterRunStatus.SUCCESS for key in set(partitions) - failed)
+        failures = Storage(layout).query("SELECT document, reason, http_status FROM failures ORDER BY 1").to_dicts()
+        assert failures == [
+            {"document": "doc-03.md", "reason": "http_error", "http_status": 500},
+            {"document": "doc-07.md", "reason": "http_error", "http_status": 500},
+        ]
+
+        sim.set_faults()  # the cause is fixed
+        sim.reset_stats()
+        second = dagster.reexecute_from_failure(first)
+        assert dagster.finish_backfill(second) == dg.BulkActionStatus.COMPLETED_SUCCESS
+        rerun = dagster.runs_by_partition(second)
+        assert set(rerun) == {"doc-03.md", "doc-07.md"}
+        assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in rerun.values())
+        assert all(run.asset_selection == {dg.AssetKey("qa_pairs")} for run in rerun.values())
+
+        # Inside each re-run partition only the chunk that had failed was sent again.
+        sent = sim.stats()["requests_by_passage"]
+        assert sent == {passage_key(texts[3][1]): 1, passage_key(texts[7][1]): 1}
+        pairs = Storage(layout).query("SELECT count(DISTINCT chunk_id) AS chunks FROM qa_pairs").to_dicts()
+        assert pairs == [{"chunks": 30}]
+        assert Storage(layout).query("SELECT * FROM failures").height == 0
+
+
+def test_terminating_a_dagster_run_lets_requests_in_flight_finish_and_the_next_run_resends_nothing(
+    simulator, tmp_path, monkeypatch
+):
+    # About a quarter of a second per request, so requests are always in flight.
+    sim = simulator(max_num_seqs=64, step_base_ms=5, step_per_seq_ms=0, output_tokens_mean=50, output_tokens_sigma=0)
+    with dagster_on(tmp_path, sim.base_url, monkeypatch) as (dagster, layout):
+        texts = [f"Record {i}: the nightly export writes {i * 11} rows to table t{i % 7}." for i in range(300)]
+        source = layout.sources_dir / "records.jsonl"
+        source.write_text("".join(json.dumps({"content": text}) + "\n" for text in texts))
+        sync_document_partitions(dagster.instance, layout)
+        journal = layout.journal_file("records.jsonl")
+
+        backfill = dagster.launch_backfill(["records.jsonl"])
+        deadline = time.monotonic() + 120
+        while not (journal.exists() and len(journal.read_text().splitlines()) >= 20):
+            assert time.monotonic() < deadline, "the run did not start generating"
+            if not dagster.runs_by_partition(backfill):
+                dagster.daemon_step()
+            time.sleep(0.1)
+        (run,) = dagster.runs_by_partition(backfill).values()
+        dagster.graphql(TERMINATE_RUN, {"runId": run.run_id})
+
+        deadline = time.monotonic() + 60
+        while dagster.instance.get_run_by_id(run.run_id).status != dg.DagsterRunStatus.CANCELED:
+            assert time.monotonic() < deadline, dagster.instance.get_run_by_id(run.run_id).status
+            time.sleep(0.2)
+        messages = [entry.message for entry in dagster.instance.all_logs(run.run_id)]
+        assert any("SIGINT received: stopping" in message for message in messages)
+
+        lines = journal.read_text().splitlines(keepends=True)
+        assert all(line.endswith("\n") and json.loads(line) for line in lines)
+        stats = sim.stats()
+        assert stats["aborted"] == 0, "requests in flight were allowed to finish"
+        assert stats["requests_total"] == len(lines) < 300, "every request sent was saved, and no new one started"
+
+        run_cli("run", "--skip-benchmark", "--concurrency", "8", "--max-tokens", "512", env=cli_env(layout.root, sim.base_url))
+        sent = sim.stats()["requests_by_passage"]
+        assert [sent.get(passage_key(text)) for text in texts] == [1] * 300, "no chunk was sent twice"

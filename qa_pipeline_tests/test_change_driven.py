@@ -1,0 +1,277 @@
+"""Change-driven regeneration on a real Dagster instance and a real folder: what changed, and only that, is redone."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import dagster as dg
+import pytest
+
+from qa_pipeline.core.documents import compare_sources
+from qa_pipeline.core.layout import DataLayout
+from qa_pipeline_tests.conftest import REPO, cli_env, sql
+
+GENERATED = {"chunks", "qa_pairs"}
+
+
+def section_document(title: str, first: str, second: str) -> str:
+    """Two sections, so two chunks: a change to one section leaves the other chunk as it was."""
+    return f"# {title}\n\n## Install\n\n{first * 20}\n\n## Configure\n\n{second * 20}\n"
+
+
+ALPHA = section_document("Alpha", "Install alpha with pip and check its version. ", "Set ALPHA_HOME before the first run. ")
+ALPHA_EDITED = section_document(
+    "Alpha", "Install alpha with pip and check its version. ", "Alpha reads its settings from alpha.toml instead. "
+)
+BETA = section_document("Beta", "Beta ships as a single static binary. ", "Beta listens on port 9000 by default. ")
+STABLE = section_document("Stable", "Stable never changes its install steps. ", "Stable has no configuration at all. ")
+
+
+@pytest.fixture
+def project(data_dir, monkeypatch):
+    """The project's own definitions, pointed at a temporary data folder and a persistent temporary instance."""
+    monkeypatch.setenv("QA_PIPELINE_DATA_DIR", str(data_dir))
+    for name in ("QA_PIPELINE_SOURCES_DIR", "QA_PIPELINE_LLM_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    from qa_pipeline.definitions import defs
+
+    with dg.DagsterInstance.local_temp(str(data_dir.parent / "dagster_home")) as instance:
+        yield defs(), instance, DataLayout.from_env()
+
+
+def tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult:
+    """Evaluates the sensor and applies its result the way the sensor daemon does."""
+    sensor = defs.resolve_sensor_def("source_documents_sensor")
+    result = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources={"storage": defs.resources["storage"]}))
+    for event in result.asset_events:
+        instance.report_runless_asset_event(event)
+    for request in result.dynamic_partitions_requests or []:
+        if isinstance(request, dg.AddDynamicPartitionsRequest):
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        else:
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+    return result
+
+
+def report_tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult:
+    sensor = defs.resolve_sensor_def("quality_report_sensor")
+    return sensor(dg.build_sensor_context(instance=instance, cursor=cursor))
+
+
+def requested(run_requests) -> dict[str | None, set[str]]:
+    """Partition → assets of each run request (None for unpartitioned runs)."""
+    return {r.partition_key: {key.to_user_string() for key in r.asset_selection} for r in run_requests or []}
+
+
+def execute(defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
+    job = defs.resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        asset_selection=request.asset_selection,
+        partition_key=request.partition_key,
+        instance=instance,
+        tags={k: v for k, v in request.tags.items() if not k.startswith("dagster/")},
+    )
+    assert result.success
+    return result
+
+
+def execute_all(defs, instance, result: dg.SensorResult) -> dict[str, dg.ExecuteInProcessResult]:
+    return {r.partition_key or "": execute(defs, instance, r) for r in result.run_requests}
+
+
+def partitions(instance: dg.DagsterInstance) -> set[str]:
+    return set(instance.get_dynamic_partitions("documents"))
+
+
+def qa_pairs_metadata(result: dg.ExecuteInProcessResult) -> dict:
+    (materialization,) = result.asset_materializations_for_node("qa_pairs")
+    return {name: value.value for name, value in materialization.metadata.items()}
+
+
+def test_edits_to_the_folder_regenerate_exactly_the_documents_that_changed(project, simulator, data_dir, monkeypatch):
+    sim = simulator(max_num_seqs=32, step_base_ms=2, output_tokens_mean=120, output_tokens_max=600)
+    monkeypatch.setenv("QA_PIPELINE_LLM_BASE_URL", sim.base_url)
+    defs, instance, layout = project
+    sources = layout.sources_dir
+    (sources / "stable.md").write_text(STABLE)
+
+    # First look at the folder: its one document gets a partition and a run.
+    first = tick(defs, instance, cursor=None)
+    assert requested(first.run_requests) == {"stable.md": GENERATED}
+    assert partitions(instance) == {"stable.md"}
+    execute_all(defs, instance, first)
+
+    # Two documents added: exactly those two, nothing for the one left alone.
+    (sources / "alpha.md").write_text(ALPHA)
+    (sources / "beta.md").write_text(BETA)
+    added = tick(defs, instance, first.cursor)
+    assert requested(added.run_requests) == {"alpha.md": GENERATED, "beta.md": GENERATED}
+    assert all(r.tags["qa_pipeline/launched_by"] == "source_change" for r in added.run_requests)
+    assert partitions(instance) == {"stable.md", "alpha.md", "beta.md"}
+    execute_all(defs, instance, added)
+
+    # The report follows once the new qa_pairs have landed, and then stays put.
+    report = report_tick(defs, instance, cursor=None)
+    assert requested(report.run_requests) == {None: {"quality_report"}}
+    execute_all(defs, instance, report)
+    report = report_tick(defs, instance, report.cursor)
+    assert report.run_requests == []
+
+    # One section of one document changed: only its partition runs, and only the changed chunk costs a request.
+    (sources / "alpha.md").write_text(ALPHA_EDITED)
+    changed = tick(defs, instance, added.cursor)
+    assert requested(changed.run_requests) == {"alpha.md": GENERATED}
+    assert not changed.dynamic_partitions_requests
+    regenerated = qa_pairs_metadata(execute_all(defs, instance, changed)["alpha.md"])
+    assert (regenerated["chunks"], regenerated["requests_sent"], regenerated["chunks_from_cache"]) == (2, 1, 1)
+
+    report = report_tick(defs, instance, report.cursor)
+    assert requested(report.run_requests) == {None: {"quality_report"}}
+    execute_all(defs, instance, report)
+
+    # Touching a file (new mtime, same bytes) triggers nothing.
+    stable = sources / "stable.md"
+    os.utime(stable, (stable.stat().st_atime + 3600, stable.stat().st_mtime + 3600))
+    touched = tick(defs, instance, changed.cursor)
+    assert touched.run_requests == [] and not touched.dynamic_partitions_requests and touched.skip_reason
+    assert touched.cursor == changed.cursor
+
+    # A deleted document loses its partition and its outputs at once; the report is refreshed.
+    (sources / "beta.md").unlink()
+    deleted = tick(defs, instance, touched.cursor)
+    assert deleted.run_requests == []
+    assert partitions(instance) == {"stable.md", "alpha.md"}
+    assert not layout.partition_file("qa_pairs", "beta.md").exists()
+    assert not layout.journal_file("beta.md").exists()
+    report = report_tick(defs, instance, report.cursor)
+    assert requested(report.run_requests) == {None: {"quality_report"}}
+    execute_all(defs, instance, report)
+
+    # A rename is a deletion plus an addition.
+    stable.rename(sources / "renamed.md")
+    renamed = tick(defs, instance, deleted.cursor)
+    assert requested(renamed.run_requests) == {"renamed.md": GENERATED}
+    assert partitions(instance) == {"alpha.md", "renamed.md"}
+    execute_all(defs, instance, renamed)
+    report = report_tick(defs, instance, report.cursor)
+    execute_all(defs, instance, report)
+    assert report_tick(defs, instance, report.cursor).run_requests == []
+
+    # Nothing left to do, and a lost cursor does not regenerate everything: the instance remembers.
+    assert tick(defs, instance, renamed.cursor).run_requests == []
+    assert tick(defs, instance, cursor=None).run_requests == []
+
+    env = cli_env(data_dir)
+    for table in ("chunks", "qa_pairs"):
+        rows = sql(f"SELECT DISTINCT document FROM {table} ORDER BY 1", env)
+        assert [row["document"] for row in rows] == ["alpha.md", "renamed.md"], table
+    alpha = " ".join(row["content"] for row in sql("SELECT content FROM chunks WHERE document = 'alpha.md'", env))
+    assert "alpha.toml" in alpha and "ALPHA_HOME" not in alpha
+    orphans = sql(
+        "SELECT count(*) AS n FROM qa_pairs q WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.chunk_id = q.chunk_id)",
+        env,
+    )
+    assert orphans == [{"n": 0}]
+
+
+def test_the_schedule_catches_changes_the_sensor_did_not_see_and_repeats_none_it_did(project, data_dir):
+    defs, instance, layout = project
+    schedule = defs.resolve_schedule_def("source_documents_schedule")
+    sources = layout.sources_dir
+    (sources / "alpha.md").write_text(ALPHA)
+    (sources / "beta.md").write_text(BETA)
+
+    def run_schedule():
+        context = dg.build_schedule_context(
+            instance=instance, resources={"storage": defs.resources["storage"]}, repository_def=defs.get_repository_def()
+        )
+        with dg.partition_loading_context(dynamic_partitions_store=instance):
+            return schedule.evaluate_tick(context)
+
+    tick(defs, instance, cursor=None)
+    assert run_schedule().run_requests == []  # what the sensor requested is recorded in the instance
+
+    # The sensor is stopped; the schedule alone sees an edit and a deletion.
+    (sources / "alpha.md").write_text(ALPHA_EDITED)
+    layout.partition_file("qa_pairs", "beta.md").parent.mkdir(parents=True)
+    layout.partition_file("qa_pairs", "beta.md").write_bytes(b"stale")
+    (sources / "beta.md").unlink()
+    data = run_schedule()
+    assert requested(data.run_requests) == {"alpha.md": GENERATED}
+    assert partitions(instance) == {"alpha.md"}
+    assert not layout.partition_file("qa_pairs", "beta.md").exists()
+    assert run_schedule().run_requests == []
+
+
+def test_an_emptied_sources_folder_deletes_nothing_unattended(project):
+    defs, instance, layout = project
+    (layout.sources_dir / "alpha.md").write_text(ALPHA)
+    first = tick(defs, instance, cursor=None)
+    (layout.sources_dir / "alpha.md").unlink()
+    emptied = tick(defs, instance, first.cursor)
+    assert emptied.run_requests == [] and "is empty" in emptied.skip_reason.skip_message
+    assert partitions(instance) == {"alpha.md"}
+
+
+def test_a_rename_is_a_deletion_plus_an_addition_and_same_content_is_no_change():
+    changes = compare_sources(
+        {"renamed.md": "h1", "kept.md": "h2", "edited.md": "h4"},
+        partitions=["old.md", "kept.md", "edited.md"],
+        known_hashes={"old.md": "h1", "kept.md": "h2", "edited.md": "h3"},
+    )
+    assert (changes.added, changes.changed, changes.removed) == (("renamed.md",), ("edited.md",), ("old.md",))
+    assert changes.to_generate == ("edited.md", "renamed.md")
+
+
+def test_the_report_waits_until_no_run_writing_qa_pairs_is_queued_or_running(project):
+    defs, instance, layout = project
+    (layout.sources_dir / "alpha.md").write_text(ALPHA)
+    tick(defs, instance, cursor=None)
+    instance.report_runless_asset_event(dg.AssetMaterialization("qa_pairs", partition="alpha.md"))
+    queued = instance.create_run_for_job(
+        defs.resolve_implicit_global_asset_job_def(),
+        asset_selection={dg.AssetKey("chunks"), dg.AssetKey("qa_pairs")},
+        tags={"dagster/partition": "alpha.md"},
+        status=dg.DagsterRunStatus.NOT_STARTED,
+    )
+    waiting = report_tick(defs, instance, cursor=None)
+    assert waiting.run_requests == [] and "waiting" in waiting.skip_reason.skip_message
+    instance.report_run_canceled(queued)
+    assert requested(report_tick(defs, instance, waiting.cursor).run_requests) == {None: {"quality_report"}}
+
+
+def test_change_detection_is_on_by_default_and_configured_from_the_environment(tmp_path):
+    """`dagster dev` starts the sensors and the schedule RUNNING; cron and model come from the environment."""
+    probe = (
+        "from qa_pipeline.definitions import defs\n"
+        "d = defs()\n"
+        "for s in [*d.sensors, *d.schedules]: print(s.name, s.default_status.value)\n"
+        "print('cron', d.get_schedule_def('source_documents_schedule').cron_schedule)\n"
+        "print('code_version', d.get_assets_def('qa_pairs').code_versions_by_key[d.get_assets_def('qa_pairs').key])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QA_PIPELINE_")}
+    env.update(QA_PIPELINE_SOURCES_CRON="*/15 * * * *", QA_PIPELINE_LLM_MODEL="meta-llama/Llama-3.1-8B-Instruct")
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    ).stdout.splitlines()
+    assert {
+        "source_documents_sensor RUNNING",
+        "quality_report_sensor RUNNING",
+        "source_documents_schedule RUNNING",
+        "cron */15 * * * *",
+    } <= set(out)
+    from qa_pipeline.core.prompts import PROMPT_VERSION
+
+    assert f"code_version {PROMPT_VERSION}+meta-llama/Llama-3.1-8B-Instruct" in out
+
+    # The instance example the docs point to loads and sets the limits they describe.
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "deploy" / "dagster-dev.yaml", home / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        concurrency = instance.get_concurrency_config()
+        assert concurrency.pool_config.default_pool_limit == 1
+        limits = concurrency.run_queue_config.tag_concurrency_limits
+        assert {"key": "qa_pipeline/launched_by", "value": "source_change", "limit": 2} in limits
