@@ -41,6 +41,7 @@ def command_run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         question_types=args.question_types.split(",") if args.question_types else None,
         skip_benchmark=args.skip_benchmark,
+        chunks_only=args.chunks_only,
         force_regenerate=args.force,
         request_timeout_s=args.request_timeout,
         stall_timeout_s=args.stall_timeout,
@@ -147,9 +148,12 @@ def command_export_batch(args: argparse.Namespace) -> int:
 
     from qa_pipeline.core.batch import export_batch_requests
     from qa_pipeline.core.generation import GenerationSettings
-    from qa_pipeline.defs.resources import MODEL_ENV
 
-    model = args.model or os.environ.get(MODEL_ENV)
+    model = args.model
+    if not model:
+        from qa_pipeline.defs.resources import MODEL_ENV  # imports Dagster: only when needed
+
+        model = os.environ.get(MODEL_ENV)
     if not model:
         print(f"qa-pipeline export-batch: name the model the batch runs with (--model or {MODEL_ENV})", file=sys.stderr)
         return 2
@@ -184,7 +188,8 @@ def command_import_batch(args: argparse.Namespace) -> int:
         f"{len(imported.documents)} documents"
     )
     if imported.unknown_chunks:
-        print(f"  {len(imported.unknown_chunks)} lines name chunks that do not exist (any more): skipped", file=sys.stderr)
+        unknown = len(imported.unknown_chunks)
+        print(f"  {unknown} lines name chunks that do not exist (any more): skipped", file=sys.stderr)
     if imported.malformed_lines:
         shown = ", ".join(str(n) for n in imported.malformed_lines[:10])
         print(f"  lines that are not batch output lines of qa-pipeline requests: {shown}", file=sys.stderr)
@@ -244,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated question types to ask for per chunk (default: factual,conceptual,comparison)",
     )
     run.add_argument("--skip-benchmark", action="store_true", help="reuse the last benchmark instead of sweeping")
+    run.add_argument(
+        "--chunks-only", action="store_true", help="stop after chunking (to inspect chunks before generating)"
+    )
     run.add_argument("--force", action="store_true", help="ignore the journal and cache; regenerate everything")
     run.add_argument(
         "--request-timeout",
@@ -293,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--seed", type=int, default=0, help="seed of the document split")
     export.add_argument("--min-groundedness", type=float, help="drop pairs below this groundedness")
     export.add_argument("--drop-refusals", action="store_true", help='drop "the passage does not say" answers')
-    export.add_argument("--drop-invented-numbers", action="store_true", help="drop answers with numbers not in the chunk")
+    export.add_argument(
+        "--drop-invented-numbers", action="store_true", help="drop answers with numbers not in the chunk"
+    )
     export.add_argument("--drop-duplicates", action="store_true", help="keep the first of duplicate questions")
     export.add_argument(
         "--exclude-failing-documents", action="store_true",

@@ -40,6 +40,7 @@ class PipelineOptions:
     max_tokens: int = 1024
     question_types: list[str] | None = None
     skip_benchmark: bool = False
+    chunks_only: bool = False
     force_regenerate: bool = False
     request_timeout_s: float = 300.0
     stall_timeout_s: float = 900.0
@@ -140,12 +141,6 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
         )
 
     with ExitStack() as stack:
-        if not os.environ.get(BASE_URL_ENV):
-            from qa_pipeline.core.embedded import EmbeddedServer
-
-            log("no QA_PIPELINE_LLM_BASE_URL set: using the embedded vLLM server (SmolLM2-135M on CPU)")
-            stack.enter_context(EmbeddedServer.for_data_dir(layout, progress=log))
-
         chunked = []
         for index, key in enumerate(selected, start=1):
             result = materialize([assets.chunks], key)
@@ -159,6 +154,16 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
             log(f"chunks: {index}/{len(selected)} documents ({len(outcome.failed)} failed)")
         if not chunked:
             return outcome
+        if options.chunks_only:
+            outcome.succeeded = chunked
+            return outcome
+
+        # Started once chunking is done: that needs no LLM, and a run that only chunks starts none.
+        if not os.environ.get(BASE_URL_ENV):
+            from qa_pipeline.core.embedded import EmbeddedServer
+
+            log("no QA_PIPELINE_LLM_BASE_URL set: using the embedded vLLM server (SmolLM2-135M on CPU)")
+            stack.enter_context(EmbeddedServer.for_data_dir(layout, progress=log))
 
         if not options.skip_benchmark:
             result = materialize([assets.test_sample, assets.concurrency_benchmark])

@@ -1,9 +1,14 @@
 """On a real Dagster instance: a backfill's failed partitions re-run alone, and run termination is graceful.
 
-Backfills are launched and re-executed with the GraphQL mutations the Dagster UI sends, and their runs
-are launched by the instance's run launcher as run-worker processes, as in production. Only the backfill
-daemon's loop is replaced: the test calls the daemon's own iteration (the code `dagster-daemon run`
-executes every 30 seconds) whenever it wants the next step, so it never waits for a 30-second tick.
+Backfills are launched, re-executed and runs terminated with the GraphQL mutations the Dagster UI sends,
+against the project's code location loaded from workspace.yaml as `dagster dev` loads it. Two pieces
+differ from production, for time only:
+- the backfill daemon's loop: the test calls the daemon's own iteration (the code `dagster-daemon run`
+  executes every 30 seconds) whenever it wants the next step, instead of waiting for 30-second ticks;
+- in the backfill test, the backfill's runs wait in the run queue and the test dequeues them into the
+  test process (Dagster's SyncInMemoryRunLauncher), as the run-queue daemon would into run workers:
+  ten run-worker processes take minutes to start on a shared 2-core machine. The termination test
+  launches a real run worker (DefaultRunLauncher), since the signal path through it is the point.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.execution.backfill import BulkActionStatus
 from dagster._core.storage.tags import BACKFILL_ID_TAG, PARTITION_NAME_TAG
 from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import WorkspaceFileTarget
@@ -61,11 +67,18 @@ mutation($runId: String!) {
   }
 }"""
 DAGSTER_YAML = """
+telemetry:
+  enabled: false
+"""
+RUN_WORKERS = """
 run_coordinator:
   module: dagster._core.run_coordinator
   class: DefaultRunCoordinator
-telemetry:
-  enabled: false
+"""
+IN_PROCESS_RUNS = """
+run_launcher:
+  module: dagster._core.launcher.sync_in_memory_run_launcher
+  class: SyncInMemoryRunLauncher
 """
 
 
@@ -97,10 +110,13 @@ class Dagster:
 
     def daemon_step(self) -> None:
         list(execute_backfill_iteration(self.workspace, logging.getLogger("backfill daemon")))
+        queued = self.instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED]))
+        for run in reversed(queued):  # oldest first, as the run queue does
+            self.instance.launch_run(run.run_id, self.workspace.create_request_context())
 
-    def finish_backfill(self, backfill_id: str, timeout_s: float = 240) -> dg.BulkActionStatus:
+    def finish_backfill(self, backfill_id: str, timeout_s: float = 240) -> BulkActionStatus:
         deadline = time.monotonic() + timeout_s
-        while (status := self.instance.get_backfill(backfill_id).status) == dg.BulkActionStatus.REQUESTED:
+        while (status := self.instance.get_backfill(backfill_id).status) == BulkActionStatus.REQUESTED:
             assert time.monotonic() < deadline, f"backfill {backfill_id} still running after {timeout_s} s"
             self.daemon_step()
             time.sleep(0.5)
@@ -112,11 +128,13 @@ class Dagster:
 
 
 @contextmanager
-def dagster_on(tmp_path: Path, base_url: str, monkeypatch) -> Iterator[tuple[Dagster, DataLayout]]:
+def dagster_on(
+    tmp_path: Path, base_url: str, monkeypatch, in_process_runs: bool = False
+) -> Iterator[tuple[Dagster, DataLayout]]:
     """`DAGSTER_HOME`, data folder and LLM endpoint as a user sets them before `dagster dev`."""
     home = tmp_path / "dagster_home"
     home.mkdir(exist_ok=True)
-    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    (home / "dagster.yaml").write_text(DAGSTER_YAML + (IN_PROCESS_RUNS if in_process_runs else RUN_WORKERS))
     layout = DataLayout(tmp_path / "data")
     layout.sources_dir.mkdir(parents=True, exist_ok=True)
     for name, value in cli_env(layout.root, base_url).items():
@@ -142,7 +160,7 @@ def test_a_backfill_fails_exactly_the_bad_partitions_and_re_execution_from_failu
     simulator, tmp_path, monkeypatch
 ):
     sim = simulator(**FAST, fail_if_contains=[MARKER])
-    with dagster_on(tmp_path, sim.base_url, monkeypatch) as (dagster, layout):
+    with dagster_on(tmp_path, sim.base_url, monkeypatch, in_process_runs=True) as (dagster, layout):
         marked = {3, 7}
         texts = {i: write_document(layout, i, i in marked) for i in range(10)}
         sync_document_partitions(dagster.instance, layout)
@@ -150,7 +168,7 @@ def test_a_backfill_fails_exactly_the_bad_partitions_and_re_execution_from_failu
         assert len(partitions) == 10
 
         first = dagster.launch_backfill(partitions)
-        assert dagster.finish_backfill(first) == dg.BulkActionStatus.COMPLETED_FAILED
+        assert dagster.finish_backfill(first) == BulkActionStatus.COMPLETED_FAILED
         runs = dagster.runs_by_partition(first)
         failed = {key for key, run in runs.items() if run.status == dg.DagsterRunStatus.FAILURE}
         assert failed == {"doc-03.md", "doc-07.md"}
@@ -164,7 +182,7 @@ def test_a_backfill_fails_exactly_the_bad_partitions_and_re_execution_from_failu
         sim.set_faults()  # the cause is fixed
         sim.reset_stats()
         second = dagster.reexecute_from_failure(first)
-        assert dagster.finish_backfill(second) == dg.BulkActionStatus.COMPLETED_SUCCESS
+        assert dagster.finish_backfill(second) == BulkActionStatus.COMPLETED_SUCCESS
         rerun = dagster.runs_by_partition(second)
         assert set(rerun) == {"doc-03.md", "doc-07.md"}
         assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in rerun.values())

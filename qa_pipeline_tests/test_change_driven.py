@@ -43,7 +43,9 @@ def project(data_dir, monkeypatch):
 def tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult:
     """Evaluates the sensor and applies its result the way the sensor daemon does."""
     sensor = defs.resolve_sensor_def("source_documents_sensor")
-    result = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources={"storage": defs.resources["storage"]}))
+    # The daemon builds only the resources a sensor asks for (not the LLM client).
+    storage = {"storage": defs.resources["storage"]}
+    result = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=storage))
     for event in result.asset_events:
         instance.report_runless_asset_event(event)
     for request in result.dynamic_partitions_requests or []:
@@ -225,7 +227,7 @@ def test_a_rename_is_a_deletion_plus_an_addition_and_same_content_is_no_change()
     assert changes.to_generate == ("edited.md", "renamed.md")
 
 
-def test_the_report_waits_until_no_run_writing_qa_pairs_is_queued_or_running(project):
+def test_the_report_waits_while_a_run_writing_qa_pairs_is_pending(project):
     defs, instance, layout = project
     (layout.sources_dir / "alpha.md").write_text(ALPHA)
     tick(defs, instance, cursor=None)

@@ -174,10 +174,12 @@ def test_each_endpoint_keeps_its_own_concurrency_limit_and_feedback(simulator):
 
     assert all(o.ok for o in outcomes)
     for sim in sims:
-        assert sim.stats()["peak_running"] <= 2
+        stats = sim.stats()
+        assert stats["peak_running"] <= 2
         limit = limits[sim.openai_base_url]
-        assert len(limit.responses) == sim.stats()["requests_total"] == 6
+        assert len(limit.responses) == stats["requests_total"] >= 3  # its own answers only
         assert len(limit.metrics) == 1 and limit.metrics[0].running == 0
+    assert sum(len(limit.responses) for limit in limits.values()) == 12
 
 
 def test_the_model_is_resolved_from_a_live_endpoint_while_another_is_down(simulator):

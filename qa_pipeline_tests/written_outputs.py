@@ -7,9 +7,12 @@ from datetime import UTC, datetime
 
 import polars as pl
 
-from qa_pipeline.core.chunking import CHUNK_SCHEMA
+from qa_pipeline.core.chunking import CHUNK_SCHEMA, chunk_document, chunks_to_frame
+from qa_pipeline.core.documents import discover_documents, read_document
+from qa_pipeline.core.generation import ChunkTask
 from qa_pipeline.core.prompts import QAPair
 from qa_pipeline.core.storage import ChunkResult, Storage, results_to_frames
+from qa_pipeline_tests.conftest import SAMPLE_SOURCES
 
 
 def write_document(
@@ -64,3 +67,11 @@ def write_document(
     storage.write_partition("chunks", document, pl.DataFrame(chunk_rows, schema=CHUNK_SCHEMA))
     storage.write_partition("qa_pairs", document, pair_frame)
     storage.write_partition("failures", document, failure_frame)
+
+
+def write_sample_chunks(storage: Storage, name: str) -> list[ChunkTask]:
+    """The real chunks of a sample document, written as the `chunks` asset writes them."""
+    source = next(s for s in discover_documents(SAMPLE_SOURCES) if s.key == name)
+    frame = chunks_to_frame(chunk_document(read_document(source)))
+    storage.write_partition("chunks", name, frame)
+    return [ChunkTask(name, r["chunk_id"], r["content"], tuple(r["heading_path"])) for r in frame.iter_rows(named=True)]

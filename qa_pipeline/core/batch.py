@@ -36,7 +36,12 @@ def parse_custom_id(text: str) -> tuple[str, str]:
 
 def chat_request_body(model: str, messages: list[dict[str, str]], settings: GenerationSettings, schema: dict) -> dict:
     """The body the online path sends for these messages (LLMClient.chat with Generator's arguments)."""
-    body: dict = {"model": model, "messages": messages, "max_tokens": settings.max_tokens, "temperature": settings.temperature}
+    body: dict = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": settings.max_tokens,
+        "temperature": settings.temperature,
+    }
     if settings.seed is not None:
         body["seed"] = settings.seed
     body["response_format"] = schema

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from pydantic import BaseModel, Field, SecretStr
 
 from qa_pipeline.core.prompts import FailureReason
 
+_JSON_CONTENT = {"Content-Type": "application/json"}
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
@@ -191,6 +193,7 @@ class LLMClient:
         self._changed = asyncio.Event()
         self._probes: dict[str, asyncio.Task] = {}
         self._picks = 0
+        self._encoded_format: tuple[dict, str] | None = None
 
     async def __aenter__(self) -> LLMClient:
         # The session must be created inside the running loop (aiohttp binds it to the loop).
@@ -470,7 +473,7 @@ class LLMClient:
         endpoint.outstanding += 1
         endpoint.requests += 1
         try:
-            async with self.session.post(url, json=body) as response:
+            async with self.session.post(url, data=self._encode(body), headers=_JSON_CONTENT) as response:
                 if response.status != 200:
                     text = (await response.text())[:500]
                     return self._http_failure(endpoint, response.status, text), _retry_after_seconds(
@@ -506,6 +509,17 @@ class LLMClient:
             endpoint.outstanding -= 1
         endpoint.healthy = True
         return _outcome_from_payload(payload, endpoint.base_url), None
+
+    def _encode(self, body: dict) -> bytes:
+        """The request as JSON. The response_format schema is most of it and the same object on every
+        request of a run, so it is serialized once."""
+        response_format = body.get("response_format")
+        if response_format is None:
+            return json.dumps(body).encode()
+        if self._encoded_format is None or self._encoded_format[0] is not response_format:
+            self._encoded_format = (response_format, json.dumps(response_format))
+        rest = json.dumps({key: value for key, value in body.items() if key != "response_format"})
+        return f'{rest[:-1]}, "response_format": {self._encoded_format[1]}}}'.encode()
 
     def _http_failure(self, endpoint: Endpoint, status: int, text: str) -> ChatOutcome:
         endpoint.failures += 1

@@ -54,15 +54,15 @@ class LimitChange:
 class AdaptiveLimit:
     """`concurrency: auto`: finds the level that keeps the server's batch full, without a sweep.
 
-    Driven by the server's /metrics when it has them (vLLM, llama.cpp --metrics), once per
-    telemetry sample: while nothing waits in the server's queue the limit doubles (slow start,
-    as long as the generation-token rate keeps rising) and then grows by one per sample; when
-    more requests wait than a small allowance (a full batch plus a short queue is the goal),
-    the KV cache is nearly full, or requests fail, it shrinks by a constant factor. Additive
-    increase with multiplicative decrease makes several runs that share a server converge to
-    equal shares, as TCP flows do. Without metrics it falls back to a latency gradient in the
-    spirit of Netflix's Gradient2: the limit shrinks in proportion to how far the recent latency
-    per output token has risen above the run's baseline, and grows while it has not.
+    Driven by the server's /metrics when it has them (vLLM, llama.cpp --metrics), once per telemetry
+    sample. While nothing has waited in the server's queue for two samples and the generation-token
+    rate still rises, the limit doubles (slow start); otherwise it grows by one per sample. When more
+    requests wait than a small allowance (a full batch plus a short queue is the goal) in two samples
+    running, the KV cache is nearly full, or more than a few requests fail, it shrinks by a constant
+    factor. Additive increase with multiplicative decrease makes runs that share a server converge to
+    equal shares, as TCP flows do. Without metrics it falls back to a latency gradient in the spirit
+    of Netflix's Gradient2: the limit shrinks in proportion to how far the recent latency per output
+    token has risen above the run's baseline (its lowest recent median), and grows while it has not.
     """
 
     def __init__(
@@ -75,7 +75,7 @@ class AdaptiveLimit:
         min_queue: float = 2.0,
         kv_cache_high: float = 0.95,
         error_tolerance: float = 0.05,
-        rate_gain: float = 0.1,
+        rate_gain: float = 0.02,
         latency_tolerance: float = 2.0,
         latency_window: int = 60,
         min_latency_samples: int = 3,
@@ -108,6 +108,8 @@ class AdaptiveLimit:
         self._last_tokens: float | None = None
         self._last_elapsed: float | None = None
         self._last_rate: float | None = None
+        self._last_waiting: float | None = None
+        self._last_allowance = 0.0
 
     @property
     def limit(self) -> int:
@@ -158,19 +160,24 @@ class AdaptiveLimit:
         running = metrics.running or 0.0
         allowance = max(self.min_queue, self.queue_allowance * running)
         kv = metrics.kv_cache_usage
+        previous_waiting, self._last_waiting = self._last_waiting, waiting
+        previous_allowance, self._last_allowance = self._last_allowance, allowance
         if kv is not None and kv >= self.kv_cache_high:
             self._decrease(elapsed_s, f"KV cache {kv:.0%} full")
-        elif waiting > allowance:
+        elif waiting > allowance and previous_waiting is not None and previous_waiting > previous_allowance:
             self._decrease(elapsed_s, f"{waiting:g} requests waiting (allowance {allowance:.0f})")
-        elif self.slow_start and waiting == 0 and self._rate_rising(rate):
+        elif waiting > allowance:
+            # Requests that arrived since the last decode step wait until the next one: a queue seen once
+            # may be such a burst. One that is still there a sample later is congestion.
+            return
+        elif waiting == 0 and not previous_waiting and self._rate_rising(rate):
             self._set(self._value * 2, elapsed_s, "server queue empty and throughput rising")
         else:
-            if self.slow_start:
-                self.slow_start = False
             self._set(self._value + 1, elapsed_s, "server queue within allowance")
 
     def _rate_rising(self, rate: float | None) -> bool:
-        """Whether the last increase paid off; unknown counts as yes until the server says otherwise."""
+        """Whether the generation-token rate still rises (by `rate_gain`); unknown counts as yes. A flat
+        or falling rate with an empty queue means this run has no more work to fill a larger limit."""
         if rate is None or self._last_rate is None:
             return True
         return rate >= self._last_rate * (1 + self.rate_gain)

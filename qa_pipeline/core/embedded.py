@@ -295,7 +295,7 @@ class EmbeddedServer:
             )
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         lock = self.state_file.with_name(f".{self.state_file.name}.lock")
-        with _exclusive_lock(lock, "starting the embedded vLLM server", self.start_timeout, self.progress):
+        with _exclusive_lock(lock, "starting the embedded vLLM server", self.start_timeout + 60, self.progress):
             recorded = self._healthy_recorded_server()
             if recorded is not None:
                 self._state = recorded

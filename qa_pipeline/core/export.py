@@ -29,8 +29,8 @@ DEFAULT_CHAT_SYSTEM_PROMPT = "You answer questions about the documentation accur
 EXPORT_SQL = """
 SELECT q.document, q.chunk_id, q.pair_index, q.question, q.answer, q.type, c.content AS context,
        c.heading_path, c.position, q.model, q.prompt_version,
-       s.groundedness, coalesce(s.unsupported_numbers, []) AS unsupported_numbers, coalesce(s.refusal, false) AS refusal,
-       s.language
+       s.groundedness, coalesce(s.unsupported_numbers, []) AS unsupported_numbers,
+       coalesce(s.refusal, false) AS refusal, s.language
 FROM qa_pairs q
 JOIN chunks c USING (document, chunk_id)
 LEFT JOIN pair_scores s USING (document, chunk_id, pair_index)
@@ -154,7 +154,7 @@ def export_dataset(storage: Storage, out_dir: Path, options: ExportOptions | Non
     rows, dropped = select_pairs(storage, options)
     splits = assign_splits(rows["document"].unique().sort().to_list(), options.fractions(), options.seed)
     rows = rows.with_columns(
-        split=pl.col("document").replace_strict(splits, return_dtype=pl.String()) if splits else pl.lit(None, pl.String()),
+        split=pl.col("document").replace_strict(splits, default=None, return_dtype=pl.String()),
         id=pl.col("chunk_id") + "-" + pl.col("pair_index").cast(pl.String()),
     )
     records = rows.select(

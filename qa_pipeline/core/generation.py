@@ -239,16 +239,26 @@ class Generator:
         for task in tasks:
             messages = build_messages(task.content, list(task.heading_path), self.settings.question_types)
             keyed.append((task, messages, request_hash(model, messages, self.settings, self.schema)))
-        todo = [(t, m, k) for t, m, k in keyed if not (k in finished[t.document] and finished[t.document][k].ok)]
+        todo, queued, repeats = [], set(), 0
+        for task, messages, key in keyed:
+            done = finished[task.document].get(key)
+            if done is not None and done.ok:
+                continue
+            if (task.document, key) in queued:
+                repeats += 1  # the same text twice in a document: one request answers both chunks
+                continue
+            queued.add((task.document, key))
+            todo.append((task, messages, key))
 
         label = f"qa_pairs {documents[0]}" if len(documents) == 1 else f"qa_pairs ({len(documents)} documents)"
-        progress = Progress(label, len(tasks), self.log, self.progress_interval_s)
-        for _ in range(len(tasks) - len(todo)):
+        progress = Progress(label, len(tasks) - repeats, self.log, self.progress_interval_s)
+        for _ in range(len(tasks) - len(todo) - repeats):
             progress.advance(cached=True)
-        report = GenerationReport(results={}, cached=len(tasks) - len(todo))
+        report = GenerationReport(results={}, cached=len(tasks) - len(todo) - repeats)
         self.log(
             f"{label}: {len(tasks)} chunks, {report.cached} already done (journal/cache), "
-            f"{len(todo)} to send to {', '.join(e.base_url for e in self.client.endpoints)} "
+            + (f"{repeats} repeating another chunk's text, " if repeats else "")
+            + f"{len(todo)} to send to {', '.join(e.base_url for e in self.client.endpoints)} "
             f"(model {model}, concurrency {self.limiter.limit})"
         )
 

@@ -83,7 +83,7 @@ def sample_pairs(storage: Storage, size: int, seed: int) -> pl.DataFrame:
     """A seeded sample of QA pairs with their chunk and heuristic scores; a pair's place in the order
     depends only on the seed and the pair, so adding documents keeps earlier picks comparable."""
     with storage.connect() as connection:
-        return connection.execute(SAMPLE_SQL, {"seed": str(seed), "size": size}).pl()
+        return connection.sql(SAMPLE_SQL, params={"seed": str(seed), "size": size}).pl()
 
 
 async def judge_pairs(
@@ -117,7 +117,8 @@ async def judge_pairs(
             except ParseError as error:
                 reason, detail = error.reason, error.detail
         if verdict is None:
-            log(f"no verdict for pair {row['pair_index']} of chunk {row['chunk_id']} ({row['document']}): {reason}: {detail}")
+            where = f"pair {row['pair_index']} of chunk {row['chunk_id']} ({row['document']})"
+            log(f"no verdict for {where}: {reason}: {detail}")
         grounded = row["groundedness"]
         return {
             "run_id": run_id,

@@ -146,7 +146,11 @@ def _languages(tokens: pl.DataFrame, key: str) -> pl.DataFrame:
         .len()
         .sort([key, "len", "language"], descending=[False, True, False])
         .group_by(key, maintain_order=True)
-        .agg(pl.col("language").first(), pl.col("len").first().alias("best"), pl.col("len").get(1, null_on_oob=True).alias("second"))
+        .agg(
+            pl.col("language").first(),
+            best=pl.col("len").first(),
+            second=pl.col("len").get(1, null_on_oob=True),
+        )
     )
     decided = (pl.col("best") >= 2) & (pl.col("second").is_null() | (pl.col("second") < pl.col("best")))
     return hits.select(key, language=pl.when(decided).then(pl.col("language")).otherwise(pl.lit("unknown")))
@@ -288,7 +292,8 @@ def _chunk_vocabulary(chunks: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]
     part_terms = parts.join(_terms(parts["part"]).rename({"lower": "part"}), on="part").select("lower", "term")
     term_of = pl.concat([_terms(distinct).select("lower", "term"), part_terms])
     vocabulary = tokens.join(term_of, on="lower").select("chunk_id", "term").unique()
-    return vocabulary, _languages(tokens, "chunk_id").rename({"language": "chunk_language"})
+    languages = chunks.select("chunk_id").join(_languages(tokens, "chunk_id"), on="chunk_id", how="left")
+    return vocabulary, languages.select("chunk_id", chunk_language=pl.col("language").fill_null("unknown"))
 
 
 def score_pairs(
@@ -498,7 +503,8 @@ def summarize_partition(storage: Storage, document: str, thresholds: QualityThre
     if pairs is not None and (scores is None or scores.height != pairs.height):
         scores = score_partition(storage, document)
     pairs = pairs if pairs is not None else pl.DataFrame(schema={"chunk_id": pl.String(), "type": pl.String()})
-    failures = failures if failures is not None else pl.DataFrame(schema={"chunk_id": pl.String(), "reason": pl.String()})
+    if failures is None:
+        failures = pl.DataFrame(schema={"chunk_id": pl.String(), "reason": pl.String()})
     scores = scores if scores is not None else pl.DataFrame(schema=PAIR_SCORES_SCHEMA)
     with_pairs = set(pairs["chunk_id"].to_list())
     failed = failures.filter(~pl.col("chunk_id").is_in(list(with_pairs)))

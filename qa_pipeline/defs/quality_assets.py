@@ -36,13 +36,13 @@ async def judged_sample(
     judgements = await judging.judge_pairs(
         judge.client,
         sample,
-        context.run_id,
+        context.run.run_id,
         concurrency=config.concurrency,
         max_tokens=config.max_tokens,
         thresholds=QualityThresholds(ungrounded_below=config.ungrounded_below),
         log=context.log.warning,
     )
-    storage.storage.write_partition("judgements", context.run_id, judgements)
+    storage.storage.write_partition("judgements", context.run.run_id, judgements)
     summary, by_rating = judging.agreement(judgements)
     return dg.MaterializeResult(
         metadata={

@@ -1,0 +1,271 @@
+"""Throughput benchmarks P1-P5 of issue 5, side by side on simulator processes; one line per target.
+
+    python benchmarks/run.py            # the full set, about 12 minutes on a quiet 2-core machine
+    python benchmarks/run.py --quick    # smaller workloads (about 5 minutes); figures are indicative only
+    python benchmarks/run.py --only P1,P4
+
+Each line reads `NAME measure=value target>=goal PASS|FAIL (details)`. Plots and a JSON of the
+figures go to --out (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.backfill import run_backfill  # noqa: E402
+from benchmarks.workloads import (  # noqa: E402
+    SETTINGS,
+    THROUGHPUT_PROFILE,
+    ZERO_LATENCY_PROFILE,
+    batch_and_wait,
+    client_config,
+    make_tasks,
+    process_cpu_s,
+    run_generator,
+)
+from qa_pipeline.core import benchmark as bench  # noqa: E402
+from qa_pipeline.core.client import LLMClient  # noqa: E402
+from qa_pipeline.core.concurrency import AdaptiveLimit, FixedLimit  # noqa: E402
+from qa_pipeline.core.plots import plot_generation_telemetry  # noqa: E402
+from qa_pipeline.core.prompts import build_messages  # noqa: E402
+from qa_pipeline.core.simulator import start_simulator_process  # noqa: E402
+
+SWEEP_LEVELS = (1, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass
+class Sizes:
+    p1_chunks: int
+    p2_chunks: int
+    p3_documents: int
+    p3_chunks_per_document: int
+    p4_chunks: int
+    sweep_seconds_per_level: float
+    sweep_levels: tuple[int, ...]
+
+
+FULL = Sizes(2000, 600, 100, 20, 10000, 30.0, SWEEP_LEVELS)
+QUICK = Sizes(600, 300, 100, 6, 3000, 12.0, (1, 8, 32, 64, 128))
+
+
+@dataclass
+class Line:
+    name: str
+    measure: str
+    value: float
+    goal: float
+    details: str
+    higher_is_better: bool = True
+
+    @property
+    def passed(self) -> bool:
+        return self.value >= self.goal
+
+    def text(self) -> str:
+        value = f"{self.value:.0f}" if self.value >= 100 else f"{self.value:.3f}"
+        goal = f"{self.goal:.0f}" if self.goal >= 100 else f"{self.goal:g}"
+        return f"{self.name} {self.measure}={value} target>={goal} {'PASS' if self.passed else 'FAIL'} ({self.details})"
+
+
+@dataclass
+class Session:
+    out: Path
+    sizes: Sizes
+    lines: list[Line] = field(default_factory=list)
+    figures: dict = field(default_factory=dict)
+    offset: int = 0
+
+    def tasks(self, count: int, document: str):
+        # Fresh chunks for every run, so no run is helped by another's cached lengths or journal.
+        tasks = make_tasks(count, document, offset=self.offset)
+        self.offset += count
+        return tasks
+
+    def report(self, line: Line) -> None:
+        self.lines.append(line)
+        print(line.text(), flush=True)
+
+
+def log(message: str) -> None:
+    print(f"  [{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def describe_run(label: str, run, ceiling: float) -> str:
+    return (
+        f"{label}: {run.output_tokens_per_s:.0f} output tok/s = {run.output_tokens_per_s / ceiling:.3f} of the "
+        f"ceiling, {run.chunks} chunks ({run.valid} valid) in {run.duration_s:.1f} s"
+    )
+
+
+def sweep(session: Session, base_url: str) -> tuple[int, int, list]:
+    """The concurrency benchmark asset's own functions on a 100-chunk test sample."""
+    sample = [build_messages(t.content, list(t.heading_path)) for t in session.tasks(100, "test-sample")]
+
+    async def go():
+        async with LLMClient(client_config(base_url)) as client:
+            await client.resolve_model()
+            return await bench.sweep(
+                client, sample, session.sizes.sweep_levels, SETTINGS,
+                session.sizes.sweep_seconds_per_level, log=lambda line: None,
+            )
+
+    results = asyncio.run(go())
+    recommended = bench.recommend_level(results)
+    best = max(results, key=lambda r: r.output_tokens_per_s).concurrency
+    levels = ", ".join(f"{r.concurrency}: {r.output_tokens_per_s:.0f}" for r in results)
+    log(f"sweep (output tok/s by level) {levels}; recommended {recommended}, best {best}")
+    session.figures["sweep"] = {r.concurrency: r.output_tokens_per_s for r in results}
+    return recommended, best, results
+
+
+def throughput_workloads(session: Session, only: set[str]) -> None:
+    with start_simulator_process(**THROUGHPUT_PROFILE) as sim:
+        ceiling = sim.stats()["ceiling_output_tokens_per_s"]
+        session.figures["ceiling_output_tokens_per_s"] = ceiling
+        log(f"simulator {THROUGHPUT_PROFILE}: ceiling {ceiling:.0f} output tok/s")
+
+        if only & {"P1", "P5"}:
+            recommended, best, _ = sweep(session, sim.base_url)
+            runs = {}
+            n = session.sizes.p1_chunks
+            if "P1" in only:
+                runs["auto"] = run_generator(sim.base_url, session.tasks(n, "p1-auto"), AdaptiveLimit())
+                log(describe_run("P1 auto", runs["auto"], ceiling))
+                (session.out / "p1_auto.png").write_bytes(
+                    plot_generation_telemetry(runs["auto"].telemetry, f"P1: {n} chunks, concurrency auto")
+                )
+            for level in sorted({best, recommended}):
+                runs[level] = run_generator(sim.base_url, session.tasks(n, f"p1-{level}"), FixedLimit(level))
+                log(describe_run(f"P1 fixed {level}", runs[level], ceiling))
+            session.figures["p1"] = {str(k): r.output_tokens_per_s for k, r in runs.items()}
+            if "P1" in only:
+                auto = runs["auto"]
+                session.report(Line(
+                    "P1", "achieved/ceiling", auto.output_tokens_per_s / ceiling, 0.95,
+                    f"concurrency auto, {n} chunks, {auto.output_tokens_per_s:.0f} of {ceiling:.0f} output tok/s "
+                    f"in {auto.duration_s:.1f} s, ramp-up and tail included",
+                ))
+                fixed_best = max((k for k in runs if k != "auto"), key=lambda k: runs[k].output_tokens_per_s)
+                session.report(Line(
+                    "P1", "adaptive/best-fixed", auto.output_tokens_per_s / runs[fixed_best].output_tokens_per_s, 0.90,
+                    f"best fixed level {fixed_best}: {runs[fixed_best].output_tokens_per_s:.0f} output tok/s",
+                ))
+            if "P5" in only:
+                session.report(Line(
+                    "P5", "recommended/best", runs[recommended].output_tokens_per_s / runs[best].output_tokens_per_s,
+                    0.95,
+                    f"recommended level {recommended} vs best swept level {best}, each on {n} fresh chunks",
+                ))
+
+        if "P2" in only:
+            n = session.sizes.p2_chunks
+            batched = asyncio.run(batch_and_wait(sim.base_url, session.tasks(n, "p2-batch")))
+            log(f"P2 batch-and-wait: {batched.output_tokens_per_s:.0f} output tok/s, {n} chunks in {batched.duration_s:.1f} s")
+            ours = run_generator(sim.base_url, session.tasks(n, "p2-qa-pipeline"), AdaptiveLimit())
+            log(describe_run("P2 qa_pipeline auto", ours, ceiling))
+            session.figures["p2"] = {"batch_and_wait": batched.output_tokens_per_s, "qa_pipeline": ours.output_tokens_per_s}
+            session.report(Line(
+                "P2", "qa_pipeline/batch-and-wait", ours.output_tokens_per_s / batched.output_tokens_per_s, 1.2,
+                f"{ours.output_tokens_per_s:.0f} vs {batched.output_tokens_per_s:.0f} output tok/s on {n} chunks each "
+                "(batches of 100, semaphore 30)",
+            ))
+
+        if "P3" in only:
+            sizes = session.sizes
+            result = run_backfill(
+                sim.base_url, sizes.p3_documents, sizes.p3_chunks_per_document, {"adaptive_concurrency": True},
+                output_tokens_total=lambda: sim.stats()["output_tokens_total"], log=log,
+            )
+            samples = result.running_samples
+            full = sum(s >= THROUGHPUT_PROFILE["max_num_seqs"] for s in samples) / max(1, len(samples))
+            generating = result.duration_s - result.first_run_start_s
+            log(
+                f"P3: {result.documents} documents, {result.chunks} chunks, {result.runs} run(s), "
+                f"{result.succeeded} materialized; first run started {result.first_run_start_s:.1f} s after "
+                f"submission, last ended at {result.duration_s:.1f} s; batch full in {full:.0%} of samples; "
+                f"{result.output_tokens / generating / ceiling:.3f} of the ceiling from the run's start"
+            )
+            session.figures["p3"] = {
+                "duration_s": result.duration_s, "first_run_start_s": result.first_run_start_s,
+                "output_tokens_per_s": result.output_tokens_per_s, "runs": result.runs,
+                "materialized": result.succeeded, "batch_full_share": full,
+            }
+            session.report(Line(
+                "P3", "achieved/ceiling", result.output_tokens_per_s / ceiling, 0.85,
+                f"asset backfill of {result.documents} partitions x {sizes.p3_chunks_per_document} chunks, "
+                f"single-run policy, concurrency auto; from submission to the end of the last run: "
+                f"{result.output_tokens_per_s:.0f} output tok/s in {result.duration_s:.1f} s, of which "
+                f"{result.first_run_start_s:.1f} s before the run started",
+            ))
+
+
+def zero_latency_workload(session: Session) -> None:
+    with start_simulator_process(**ZERO_LATENCY_PROFILE) as sim:
+        n = session.sizes.p4_chunks
+        server_cpu = process_cpu_s(sim.pid)
+        run = run_generator(sim.base_url, session.tasks(n, "p4"), FixedLimit(64))
+        server_cpu = process_cpu_s(sim.pid) - server_cpu
+        per_chunk_us = run.cpu_s / n * 1e6
+        log(
+            f"P4: {n} chunks, queue {run.duration_s:.2f} s, whole Generator.run {run.wall_s:.2f} s; CPU per chunk: "
+            f"client {per_chunk_us:.0f} us, simulator {server_cpu / n * 1e6:.0f} us"
+        )
+        session.figures["p4"] = {
+            "chunks_per_s": n / run.wall_s, "queue_chunks_per_s": n / run.duration_s,
+            "client_cpu_us_per_chunk": per_chunk_us, "simulator_cpu_us_per_request": server_cpu / n * 1e6,
+        }
+        session.report(Line(
+            "P4", "chunks/s", n / run.wall_s, 2000,
+            f"{n} chunks through client, validation and journal at concurrency 64 against a zero-latency "
+            f"simulator, whole Generator.run; client CPU {per_chunk_us:.0f} us/chunk = "
+            f"{1e6 / per_chunk_us:.0f} chunks/s per core",
+        ))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller workloads; indicative figures only")
+    parser.add_argument("--only", help="comma-separated subset of P1,P2,P3,P4,P5")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="plots and JSON")
+    args = parser.parse_args(argv)
+    only = set((args.only or "P1,P2,P3,P4,P5").upper().split(","))
+    args.out.mkdir(parents=True, exist_ok=True)
+    session = Session(out=args.out, sizes=QUICK if args.quick else FULL)
+    started = time.monotonic()
+    with open("/proc/loadavg") as handle:
+        load_before = handle.read().split()[:3]
+    if only & {"P1", "P2", "P3", "P5"}:
+        throughput_workloads(session, only)
+    if "P4" in only:
+        zero_latency_workload(session)
+    elapsed = time.monotonic() - started
+    with open("/proc/loadavg") as handle:
+        load_after = handle.read().split()[:3]
+    print(f"\n{len(session.lines)} targets, {sum(line.passed for line in session.lines)} passed, in {elapsed / 60:.1f} min "
+          f"(load average before {' '.join(load_before)}, after {' '.join(load_after)})")
+    print("\n| target | measure | value | goal | result | details |\n|---|---|---|---|---|---|")
+    for line in session.lines:
+        value = f"{line.value:.0f}" if line.value >= 100 else f"{line.value:.3f}"
+        print(f"| {line.name} | {line.measure} | {value} | >= {line.goal:g} | {'PASS' if line.passed else 'FAIL'} | {line.details} |")
+    (args.out / "latest.json").write_text(json.dumps({
+        "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
+                    "load_before": load_before, "load_after": load_after},
+        "minutes": elapsed / 60,
+        "lines": [line.text() for line in session.lines],
+        "figures": session.figures,
+    }, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
