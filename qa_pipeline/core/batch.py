@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qa_pipeline.core.client import ChatOutcome, _outcome_from_payload
+from qa_pipeline.core.client import ChatOutcome, outcome_from_payload
 from qa_pipeline.core.generation import ChunkTask, GenerationSettings, request_hash, result_from_outcome
 from qa_pipeline.core.prompts import FailureReason, build_messages, response_format
 from qa_pipeline.core.quality import score_partition
@@ -110,7 +110,7 @@ def outcome_from_batch_line(line: dict, endpoint: str) -> ChatOutcome:
     status = response.get("status_code")
     body = response.get("body")
     if status == 200 and isinstance(body, dict) and not line.get("error"):
-        outcome = _outcome_from_payload(body, endpoint)
+        outcome = outcome_from_payload(body, endpoint)
         outcome.attempts = 1
         return outcome
     error = line.get("error")

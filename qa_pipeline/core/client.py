@@ -508,7 +508,7 @@ class LLMClient:
         finally:
             endpoint.outstanding -= 1
         endpoint.healthy = True
-        return _outcome_from_payload(payload, endpoint.base_url), None
+        return outcome_from_payload(payload, endpoint.base_url), None
 
     def _encode(self, body: dict) -> bytes:
         """The request as JSON. The response_format schema is most of it and the same object on every
@@ -566,7 +566,7 @@ def _mentions_response_format(error: str | None) -> bool:
     return "response_format" in text or "json_schema" in text
 
 
-def _outcome_from_payload(payload: dict, endpoint: str) -> ChatOutcome:
+def outcome_from_payload(payload: dict, endpoint: str) -> ChatOutcome:
     try:
         choice = payload["choices"][0]
         content = choice["message"].get("content")
