@@ -39,6 +39,7 @@ class BackfillResult:
     output_tokens: int
     duration_s: float  # from submitting the backfill to the end of its last run
     first_run_start_s: float  # from submitting to the first run's start
+    queue_duration_s: float  # the Generator's work queue inside the run (its `duration_s` metadata)
     running_samples: list[float] = field(default_factory=list)  # the server's running requests, sampled
 
     @property
@@ -172,6 +173,12 @@ def run_backfill(
                 except subprocess.TimeoutExpired:
                     os.killpg(daemon.pid, signal.SIGKILL)
                     daemon.wait()
+            latest = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=qa_pairs_single_run.key), limit=1
+            ).records
+            queue_duration_s = (
+                latest[0].asset_materialization.metadata["duration_s"].value if latest else float("nan")
+            )
             statuses = instance.get_status_by_partition(qa_pairs_single_run.key, keys, qa_pairs_single_run.partitions_def)
         ended = max(r.end_time for r in records if r.end_time)
         started = min(r.start_time for r in records if r.start_time)
@@ -185,6 +192,7 @@ def run_backfill(
             output_tokens=tokens,
             duration_s=ended - submitted,
             first_run_start_s=started - submitted,
+            queue_duration_s=queue_duration_s,
             running_samples=samples,
         )
 

@@ -42,6 +42,7 @@ def command_run(args: argparse.Namespace) -> int:
         question_types=args.question_types.split(",") if args.question_types else None,
         skip_benchmark=args.skip_benchmark,
         chunks_only=args.chunks_only,
+        failed_only=args.failed,
         force_regenerate=args.force,
         request_timeout_s=args.request_timeout,
         stall_timeout_s=args.stall_timeout,
@@ -253,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunks-only", action="store_true", help="stop after chunking (to inspect chunks before generating)"
     )
     run.add_argument("--force", action="store_true", help="ignore the journal and cache; regenerate everything")
+    run.add_argument(
+        "--failed",
+        action="store_true",
+        help="re-run only the documents whose last run failed (inside them, only the chunks that failed)",
+    )
     run.add_argument(
         "--request-timeout",
         type=float,

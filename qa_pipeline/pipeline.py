@@ -17,6 +17,7 @@ from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.report import build_report
 from qa_pipeline.core.storage import Storage
 from qa_pipeline.defs import assets
+from qa_pipeline.defs.partitions import documents as documents_partitions
 from qa_pipeline.defs.resources import BASE_URL_ENV, LLMResource, StorageResource
 from qa_pipeline.defs.sensors import sync_document_partitions
 
@@ -41,6 +42,7 @@ class PipelineOptions:
     question_types: list[str] | None = None
     skip_benchmark: bool = False
     chunks_only: bool = False
+    failed_only: bool = False
     force_regenerate: bool = False
     request_timeout_s: float = 300.0
     stall_timeout_s: float = 900.0
@@ -54,6 +56,15 @@ class PipelineOutcome:
     report_markdown: str = ""
     # Why the run ended before every document was tried: "interrupted" (a signal) or "stalled" (the server).
     stopped: str | None = None
+
+
+def failed_documents(instance: dg.DagsterInstance, keys: list[str]) -> set[str]:
+    """Documents whose last `chunks` or `qa_pairs` materialization failed (or was stopped)."""
+    failed: set[str] = set()
+    for asset in (assets.chunks, assets.qa_pairs):
+        statuses = instance.get_status_by_partition(asset.key, keys, documents_partitions) or {}
+        failed |= {key for key, status in statuses.items() if status == dg.AssetPartitionStatus.FAILED}
+    return failed
 
 
 def _run_config(options: PipelineOptions) -> dict:
@@ -88,7 +99,12 @@ def _failure_message(result: dg.ExecuteInProcessResult) -> str:
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
             error = event.step_failure_data.error
             user = error.cause or error
-            return user.message.strip().splitlines()[-1] if user.message else error.message
+            if not user.message:
+                return error.message
+            text = user.message.strip().splitlines()[-1]
+            # "dagster._core.definitions.events.Failure: <what happened>": the user needs what happened.
+            qualified_name, separator, rest = text.partition(": ")
+            return rest if separator and qualified_name.rsplit(".", 1)[-1] == user.cls_name else text
     return "the run failed (see the Dagster logs)"
 
 
@@ -116,6 +132,12 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
         log(f"documents: {len(changes.added)} new, {len(changes.removed)} removed")
     keys = [s.key for s in discover_documents(layout.sources_dir)]
     selected = [k for k in keys if not options.documents or any(fnmatch.fnmatch(k, p) for p in options.documents)]
+    if options.failed_only:
+        failed = failed_documents(instance, selected)
+        selected = [key for key in selected if key in failed]
+        if not selected:
+            log("qa-pipeline run --failed: no document failed in its last run; nothing to re-run")
+            return PipelineOutcome()
     selected = selected[: options.limit] if options.limit else selected
     if not selected:
         raise SystemExit(f"qa-pipeline run: no documents to process in {layout.sources_dir}")

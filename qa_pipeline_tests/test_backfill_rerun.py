@@ -31,7 +31,7 @@ from dagster_graphql.test.utils import execute_dagster_graphql
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.simulator import passage_key
 from qa_pipeline.core.storage import Storage
-from qa_pipeline.pipeline import sync_document_partitions
+from qa_pipeline.defs.sensors import sync_document_partitions
 from qa_pipeline_tests.conftest import REPO, cli_env, run_cli
 
 FAST = {"step_base_ms": 1, "step_per_seq_ms": 0.05, "output_tokens_mean": 30, "output_tokens_max": 200}

@@ -56,8 +56,8 @@ def metrics(running: float, waiting: float = 0.0, kv: float = 0.1, tokens: float
 
 def test_limit_doubles_while_the_server_queue_is_empty_and_throughput_rises():
     limiter = AdaptiveLimit(initial_limit=4, max_limit=512)
-    limits = drive(limiter, ModelServer(capacity=256), steps=4)
-    assert limits == [8, 16, 32, 64]
+    limits = drive(limiter, ModelServer(capacity=256), steps=5)
+    assert limits == [4, 8, 16, 32, 64]  # the first sample, taken as the first requests land, only primes
 
 
 def test_the_limit_stops_doubling_once_throughput_stops_rising():
@@ -66,13 +66,13 @@ def test_the_limit_stops_doubling_once_throughput_stops_rising():
     for second in range(1, 6):
         tokens += 1000.0  # the same rate whatever the limit: this run has no more work to send
         limiter.observe_metrics(metrics(running=20, tokens=tokens), float(second))
-    assert [change.limit for change in limiter.changes] == [32, 64, 65, 66, 67]
+    assert [change.limit for change in limiter.changes] == [32, 33, 34, 35]
 
 
 def test_limit_backs_off_when_requests_pile_up_in_the_server_queue():
     limiter = AdaptiveLimit(initial_limit=100)
-    limiter.observe_metrics(metrics(running=64, waiting=36), 1.0)
-    limiter.observe_metrics(metrics(running=64, waiting=36), 2.0)
+    for second in range(1, 4):
+        limiter.observe_metrics(metrics(running=64, waiting=36), float(second))
     assert limiter.limit == 85
     assert "36 requests waiting" in limiter.changes[-1].reason
 
@@ -80,15 +80,18 @@ def test_limit_backs_off_when_requests_pile_up_in_the_server_queue():
 def test_a_queue_seen_in_one_sample_only_is_not_taken_for_congestion():
     # A burst of requests that arrived between two decode steps waits until the next step.
     limiter = AdaptiveLimit(initial_limit=16)
-    limiter.observe_metrics(metrics(running=12, waiting=4), 1.0)
-    assert limiter.limit == 16
+    limiter.observe_metrics(metrics(running=16, waiting=0), 1.0)
     limiter.observe_metrics(metrics(running=16, waiting=0), 2.0)
-    assert limiter.limit == 17
+    limiter.observe_metrics(metrics(running=28, waiting=8), 3.0)
+    assert limiter.limit == 32
+    limiter.observe_metrics(metrics(running=32, waiting=0), 4.0)
+    assert limiter.limit == 33
 
 
 def test_a_short_server_queue_is_tolerated_and_the_limit_keeps_probing():
     limiter = AdaptiveLimit(initial_limit=70)
     limiter.observe_metrics(metrics(running=64, waiting=6), 1.0)
+    limiter.observe_metrics(metrics(running=64, waiting=6), 2.0)
     assert limiter.limit == 71
 
 

@@ -257,3 +257,15 @@ def test_a_ten_percent_fault_mix_over_a_thousand_chunks_ends_with_at_least_99_pe
     assert reasons <= {"invalid_json", "missing_field", "truncated", "timeout", "connection_error", "http_error",
                        "rate_limited"}
     assert len(sim.stats()["faults"]) == 9, "every fault kind occurred"
+
+
+def test_a_refused_api_key_fails_the_run_at_once_and_the_key_never_shows(simulator, data_dir):
+    sim = simulator(**FAST, api_key="the-server-key")
+    (data_dir / "sources" / "notes.md").write_text("# Notes\n\nThe upload worker retries three times.\n")
+    env = cli_env(data_dir, sim.base_url, QA_PIPELINE_LLM_API_KEY="a-wrong-secret-key")
+
+    run = run_cli("run", "--skip-benchmark", "--concurrency", "2", env=env, check=False)
+    assert run.returncode == 1
+    assert "refused the API key (HTTP 401); set QA_PIPELINE_LLM_API_KEY" in run.stderr
+    assert "a-wrong-secret-key" not in run.stdout + run.stderr
+    assert sim.stats()["requests_total"] == 0, "no chat request is sent, let alone retried"

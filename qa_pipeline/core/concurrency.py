@@ -68,7 +68,7 @@ class AdaptiveLimit:
     def __init__(
         self,
         max_limit: int = 256,
-        initial_limit: int = 16,
+        initial_limit: int = 32,
         min_limit: int = 1,
         backoff: float = 0.85,
         queue_allowance: float = 0.2,
@@ -109,6 +109,7 @@ class AdaptiveLimit:
         self._last_elapsed: float | None = None
         self._last_rate: float | None = None
         self._last_waiting: float | None = None
+        self._seen_server = False
         self._last_allowance = 0.0
 
     @property
@@ -164,6 +165,10 @@ class AdaptiveLimit:
         previous_allowance, self._last_allowance = self._last_allowance, allowance
         if kv is not None and kv >= self.kv_cache_high:
             self._decrease(elapsed_s, f"KV cache {kv:.0%} full")
+        elif not self._seen_server:
+            # The first sample comes as the first requests land: their queue says nothing yet.
+            self._seen_server = True
+            self._last_waiting = None
         elif waiting > allowance and previous_waiting is not None and previous_waiting > previous_allowance:
             self._decrease(elapsed_s, f"{waiting:g} requests waiting (allowance {allowance:.0f})")
         elif waiting > allowance:
