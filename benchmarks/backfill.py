@@ -40,6 +40,7 @@ class BackfillResult:
     duration_s: float  # from submitting the backfill to the end of its last run
     first_run_start_s: float  # from submitting to the first run's start
     queue_duration_s: float  # the Generator's work queue inside the run (its `duration_s` metadata)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds between the run's own events
     running_samples: list[float] = field(default_factory=list)  # the server's running requests, sampled
 
     @property
@@ -179,6 +180,7 @@ def run_backfill(
             queue_duration_s = (
                 latest[0].asset_materialization.metadata["duration_s"].value if latest else float("nan")
             )
+            phases = _run_phases(instance, records[0].dagster_run.run_id, queue_duration_s) if len(records) == 1 else {}
             statuses = instance.get_status_by_partition(qa_pairs_single_run.key, keys, qa_pairs_single_run.partitions_def)
         ended = max(r.end_time for r in records if r.end_time)
         started = min(r.start_time for r in records if r.start_time)
@@ -193,8 +195,29 @@ def run_backfill(
             duration_s=ended - submitted,
             first_run_start_s=started - submitted,
             queue_duration_s=queue_duration_s,
+            phases=phases,
             running_samples=samples,
         )
+
+
+def _run_phases(instance: dg.DagsterInstance, run_id: str, queue_duration_s: float) -> dict[str, float]:
+    """Where the run's time went: process start to step start, the step (the work queue and the rest),
+    step end to run end."""
+    times: dict[str, float] = {}
+    for record in instance.all_logs(run_id):
+        kind = record.dagster_event.event_type_value if record.dagster_event else None
+        if kind in ("RUN_START", "STEP_START", "STEP_SUCCESS", "STEP_FAILURE", "RUN_SUCCESS", "RUN_FAILURE"):
+            times.setdefault(kind, record.timestamp)
+    step_end = times.get("STEP_SUCCESS") or times.get("STEP_FAILURE")
+    run_end = times.get("RUN_SUCCESS") or times.get("RUN_FAILURE")
+    if not ("RUN_START" in times and "STEP_START" in times and step_end and run_end):
+        return {}
+    step = step_end - times["STEP_START"]
+    return {
+        "run start to step start": times["STEP_START"] - times["RUN_START"],
+        "step outside the work queue": step - queue_duration_s,
+        "step end to run end": run_end - step_end,
+    }
 
 
 def _wait_for_daemon(instance: dg.DagsterInstance, daemon: subprocess.Popen, log_file: Path) -> None:

@@ -209,10 +209,13 @@ def backfill_workload(session: Session) -> None:
             f"batch full in {full:.0%} of samples; {result.output_tokens / generating / ceiling:.3f} of the ceiling "
             "from the run's start"
         )
+        if result.phases:
+            log("P3 run phases: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.phases.items()))
         session.figures["p3"] = {
             "duration_s": result.duration_s, "first_run_start_s": result.first_run_start_s,
             "output_tokens_per_s": result.output_tokens_per_s, "runs": result.runs,
             "materialized": result.succeeded, "batch_full_share": full, "queue_duration_s": result.queue_duration_s,
+            "phases_s": result.phases,
         }
         session.report(Line(
             "P3", "achieved/ceiling", result.output_tokens_per_s / ceiling, 0.85,

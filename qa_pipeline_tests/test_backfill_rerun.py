@@ -36,9 +36,8 @@ from qa_pipeline_tests.conftest import REPO, cli_env, run_cli
 
 FAST = {"step_base_ms": 1, "step_per_seq_ms": 0.05, "output_tokens_mean": 30, "output_tokens_max": 200}
 MARKER = "QUARANTINED"
-# The run config a user would put in the backfill dialog: one process per run, quick retries.
+# The run config a user would put in the backfill dialog: a fixed concurrency, quick retries.
 RUN_CONFIG = {
-    "execution": {"config": {"in_process": {}}},
     "ops": {"qa_pairs": {"config": {"concurrency": 4, "max_tokens": 512}}},
     "resources": {"llm": {"config": {"max_retries": 1, "backoff_base_s": 0.05}}},
 }
@@ -231,6 +230,7 @@ def test_terminating_a_dagster_run_lets_requests_in_flight_finish_and_the_next_r
         assert stats["aborted"] == 0, "requests in flight were allowed to finish"
         assert stats["requests_total"] == len(lines) < 300, "every request sent was saved, and no new one started"
 
-        run_cli("run", "--skip-benchmark", "--concurrency", "8", "--max-tokens", "512", env=cli_env(layout.root, sim.base_url))
+        env = cli_env(layout.root, sim.base_url)
+        run_cli("run", "--skip-benchmark", "--concurrency", "8", "--max-tokens", "512", env=env)
         sent = sim.stats()["requests_by_passage"]
         assert [sent.get(passage_key(text)) for text in texts] == [1] * 300, "no chunk was sent twice"

@@ -32,7 +32,7 @@ def write_sources(sources) -> dict[str, list[str]]:
         (sources / name).write_text(text, encoding="utf-8")
     (sources / "scan.txt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
     (sources / "empty.md").write_bytes(b"")
-    (sources / "legacy-latin1.txt").write_bytes("Le café coûte 2 €, payé à l'accueil.\n".encode("latin-1", "replace"))
+    (sources / "legacy-latin1.txt").write_bytes("Le café est payé à l'accueil.\n".encode("latin-1"))
     (sources / "broken.jsonl").write_text('{"content": "no closing brace"\nnot json at all\n[1, 2]\n')
     (sources / "slides.pdf").write_bytes(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n")
     partly = [

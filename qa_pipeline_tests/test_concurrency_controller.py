@@ -287,17 +287,11 @@ def test_a_run_covering_several_documents_fails_only_the_documents_over_their_th
     }
     for name in names:
         assert dg.materialize([chunks], partition_key=name, instance=instance, resources=resources).success
-    backfill = dg.define_asset_job(
-        "qa_pairs_backfill",
-        selection=[qa_pairs.with_attributes(backfill_policy=dg.BackfillPolicy.single_run())],
-        partitions_def=documents,
-    )
+    single_run = qa_pairs.with_attributes(backfill_policy=dg.BackfillPolicy.single_run())
     definitions = dg.Definitions(
-        assets=[qa_pairs.with_attributes(backfill_policy=dg.BackfillPolicy.single_run())],
-        jobs=[backfill],
-        resources=resources,
+        assets=[single_run], jobs=[dg.define_asset_job("qa_pairs_backfill", selection=[single_run])], resources=resources
     )
-    result = definitions.get_job_def("qa_pairs_backfill").execute_in_process(
+    result = definitions.resolve_job_def("qa_pairs_backfill").execute_in_process(
         instance=instance,
         raise_on_error=False,
         run_config={"ops": {"qa_pairs": {"config": {"adaptive_concurrency": True}}}},

