@@ -180,7 +180,7 @@ def run_backfill(
             queue_duration_s = (
                 latest[0].asset_materialization.metadata["duration_s"].value if latest else float("nan")
             )
-            phases = _run_phases(instance, records[0].dagster_run.run_id, queue_duration_s) if len(records) == 1 else {}
+            phases = _run_phases(instance, records[0], submitted, queue_duration_s) if len(records) == 1 else {}
             statuses = instance.get_status_by_partition(qa_pairs_single_run.key, keys, qa_pairs_single_run.partitions_def)
         ended = max(r.end_time for r in records if r.end_time)
         started = min(r.start_time for r in records if r.start_time)
@@ -200,20 +200,30 @@ def run_backfill(
         )
 
 
-def _run_phases(instance: dg.DagsterInstance, run_id: str, queue_duration_s: float) -> dict[str, float]:
-    """Where the run's time went: process start to step start, the step (the work queue and the rest),
-    step end to run end."""
+def _run_phases(
+    instance: dg.DagsterInstance, record, submitted: float, queue_duration_s: float
+) -> dict[str, float]:
+    """Where the time from submission to the run's end went, between the run's own events."""
+    kinds = {
+        dg.DagsterEventType.RUN_START: "RUN_START",
+        dg.DagsterEventType.STEP_START: "STEP_START",
+        dg.DagsterEventType.STEP_SUCCESS: "STEP_SUCCESS",
+        dg.DagsterEventType.STEP_FAILURE: "STEP_FAILURE",
+        dg.DagsterEventType.RUN_SUCCESS: "RUN_SUCCESS",
+        dg.DagsterEventType.RUN_FAILURE: "RUN_FAILURE",
+    }
+    created = record.create_timestamp.timestamp()
     times: dict[str, float] = {}
-    for record in instance.all_logs(run_id):
-        kind = record.dagster_event.event_type_value if record.dagster_event else None
-        if kind in ("RUN_START", "STEP_START", "STEP_SUCCESS", "STEP_FAILURE", "RUN_SUCCESS", "RUN_FAILURE"):
-            times.setdefault(kind, record.timestamp)
+    for entry in instance.all_logs(record.dagster_run.run_id, of_type=set(kinds)):
+        times.setdefault(kinds[entry.dagster_event.event_type], entry.timestamp)
     step_end = times.get("STEP_SUCCESS") or times.get("STEP_FAILURE")
     run_end = times.get("RUN_SUCCESS") or times.get("RUN_FAILURE")
     if not ("RUN_START" in times and "STEP_START" in times and step_end and run_end):
         return {}
     step = step_end - times["STEP_START"]
     return {
+        "submission to run created (the daemon's pass over backfills)": created - submitted,
+        "run created to run start (queue, launch, process start)": times["RUN_START"] - created,
         "run start to step start": times["STEP_START"] - times["RUN_START"],
         "step outside the work queue": step - queue_duration_s,
         "step end to run end": run_end - step_end,
