@@ -198,6 +198,8 @@ def test_prechunked_jsonl_keeps_content_and_metadata_including_repeated_ids(tmp_
     assert document.records[1].metadata == {"service": "billing", "chunk_id": 7}
     assert document.records[2].metadata == {"service": "auth", "doc_type": "faq"}
     assert document.skipped_lines == ()
+    assert len(document.warnings) == 1
+    assert "line 2: chunk_id '7' also on line 1" in document.warnings[0]
 
 
 def test_one_malformed_jsonl_line_is_skipped_with_its_line_number_and_the_rest_kept(tmp_path):

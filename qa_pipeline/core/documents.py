@@ -116,7 +116,29 @@ class Document:
     @property
     def warnings(self) -> tuple[str, ...]:
         """What a user should be told although the document was read, e.g. "line 7: not valid JSON (...)"."""
-        return tuple(str(line) for line in self.skipped_lines)
+        return tuple(str(line) for line in self.skipped_lines) + self._repeated_chunk_ids()
+
+    def _repeated_chunk_ids(self) -> tuple[str, ...]:
+        """Pre-chunked files often reuse `chunk_id`; each record stays its own chunk, but say so."""
+        first_line: dict[str, int] = {}
+        repeats: list[str] = []
+        for record in self.records:
+            source_id = record.metadata.get("chunk_id")
+            if source_id is None:
+                continue
+            key = str(source_id)
+            if key in first_line:
+                repeats.append(f"line {record.line_number}: chunk_id {key!r} also on line {first_line[key]}")
+            else:
+                first_line[key] = record.line_number
+        if not repeats:
+            return ()
+        more = f" (and {len(repeats) - _LISTED_PROBLEMS} more)" if len(repeats) > _LISTED_PROBLEMS else ""
+        return (
+            f"{len(repeats)} records repeat a chunk_id; each is kept as a separate chunk with its own id: "
+            + "; ".join(repeats[:_LISTED_PROBLEMS])
+            + more,
+        )
 
 
 # Dagster rejects partition keys containing "..." or control characters (and its UI
