@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 from collections.abc import Callable
@@ -29,6 +30,9 @@ ALL_ASSETS = [
     assets.qa_pairs,
     assets.quality_report,
 ]
+
+# A CPU-served 135M model saturates early; a full sweep up to 64 would take most of the demo.
+EMBEDDED_LEVELS = [1, 4, 8]
 
 
 @dataclass
@@ -143,6 +147,9 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
         raise SystemExit(f"qa-pipeline run: no documents to process in {layout.sources_dir}")
     log(f"qa-pipeline run: {len(selected)} documents from {layout.sources_dir}")
 
+    embedded = not os.environ.get(BASE_URL_ENV)
+    if embedded and not options.levels:
+        options = dataclasses.replace(options, levels=EMBEDDED_LEVELS)
     outcome = PipelineOutcome()
     resources = {
         "llm": LLMResource(data_dir=str(layout.root), request_timeout_s=options.request_timeout_s),
@@ -181,7 +188,7 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
             return outcome
 
         # Started once chunking is done: that needs no LLM, and a run that only chunks starts none.
-        if not os.environ.get(BASE_URL_ENV):
+        if embedded:
             from qa_pipeline.core.embedded import EmbeddedServer
 
             log("no QA_PIPELINE_LLM_BASE_URL set: using the embedded vLLM server (SmolLM2-135M on CPU)")
