@@ -169,19 +169,24 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
             tags={"qa_pipeline/launched_by": "cli"},
         )
 
-    with ExitStack() as stack:
-        chunked = []
-        for index, key in enumerate(selected, start=1):
-            result = materialize([assets.chunks], key)
+    def per_document(asset: dg.AssetsDefinition, keys: list[str]) -> list[str]:
+        """One run per document; the documents that succeeded. Stops early on an interrupt or a stall."""
+        done = []
+        for index, key in enumerate(keys, start=1):
+            result = materialize([asset], key)
             if result.success:
-                chunked.append(key)
+                done.append(key)
             else:
                 outcome.failed[key] = _failure_message(result)
                 outcome.stopped = _stop_reason(result)
                 if outcome.stopped:
-                    return outcome
-            log(f"chunks: {index}/{len(selected)} documents ({len(outcome.failed)} failed)")
-        if not chunked:
+                    break
+            log(f"{asset.key.to_user_string()}: {index}/{len(keys)} documents ({len(outcome.failed)} failed)")
+        return done
+
+    with ExitStack() as stack:
+        chunked = per_document(assets.chunks, selected)
+        if outcome.stopped or not chunked:
             return outcome
         if options.chunks_only:
             outcome.succeeded = chunked
@@ -201,16 +206,9 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
                 outcome.stopped = _stop_reason(result)
                 return outcome
 
-        for index, key in enumerate(chunked, start=1):
-            result = materialize([assets.qa_pairs], key)
-            if result.success:
-                outcome.succeeded.append(key)
-            else:
-                outcome.failed[key] = _failure_message(result)
-                outcome.stopped = _stop_reason(result)
-                if outcome.stopped:
-                    return outcome
-            log(f"qa_pairs: {index}/{len(chunked)} documents ({len(outcome.failed)} failed)")
+        outcome.succeeded = per_document(assets.qa_pairs, chunked)
+        if outcome.stopped:
+            return outcome
 
         materialize([assets.quality_report])
     outcome.report_markdown = build_report(Storage(layout)).markdown()
