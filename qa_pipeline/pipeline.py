@@ -31,8 +31,10 @@ ALL_ASSETS = [
     assets.quality_report,
 ]
 
-# A CPU-served 135M model saturates early; a full sweep up to 64 would take most of the demo.
+# A CPU-served 135M model saturates early; a full sweep up to 64 would take most of the demo,
+# and each level stops sending after a minute (requests in flight still finish).
 EMBEDDED_LEVELS = [1, 4, 8]
+EMBEDDED_SECONDS_PER_LEVEL = 60.0
 
 
 @dataclass
@@ -41,6 +43,7 @@ class PipelineOptions:
     limit: int | None = None
     concurrency: int | str | None = None  # a level, or "auto"
     levels: list[int] | None = None
+    max_seconds_per_level: float | None = None
     sample_size: int = 100
     max_tokens: int = 1024
     question_types: list[str] | None = None
@@ -78,6 +81,8 @@ def _run_config(options: PipelineOptions) -> dict:
     benchmark = dict(generation)
     if options.levels:
         benchmark["levels"] = options.levels
+    if options.max_seconds_per_level:
+        benchmark["max_seconds_per_level"] = options.max_seconds_per_level
     qa = dict(
         generation,
         force_regenerate=options.force_regenerate,
@@ -148,8 +153,12 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
     log(f"qa-pipeline run: {len(selected)} documents from {layout.sources_dir}")
 
     embedded = not os.environ.get(BASE_URL_ENV)
-    if embedded and not options.levels:
-        options = dataclasses.replace(options, levels=EMBEDDED_LEVELS)
+    if embedded:
+        options = dataclasses.replace(
+            options,
+            levels=options.levels or EMBEDDED_LEVELS,
+            max_seconds_per_level=options.max_seconds_per_level or EMBEDDED_SECONDS_PER_LEVEL,
+        )
     outcome = PipelineOutcome()
     resources = {
         "llm": LLMResource(data_dir=str(layout.root), request_timeout_s=options.request_timeout_s),
