@@ -15,8 +15,10 @@ from qa_pipeline.core.client import ServerMetrics
 class ConcurrencyLimit(Protocol):
     """What the generator needs from a limit: the current value, its ceiling, and two feedback hooks."""
 
-    limit: int
     max_limit: int
+
+    @property
+    def limit(self) -> int: ...
 
     def observe_response(self, latency_s: float, ok: bool, output_tokens: int = 0) -> None: ...
 
