@@ -294,9 +294,8 @@ def test_backfill_over_many_documents_survives_an_endpoint_dying(tmp_path, simul
                     "assetSelection": [{"path": ["chunks"]}, {"path": ["qa_pairs"]}],
                     "partitionNames": keys,
                     "title": "distributed test",
-                    # One process per run: a document's steps run one after the other anyway.
+                    # The code location's default executor is in-process: one process per run.
                     "runConfigData": {
-                        "execution": {"config": {"in_process": {}}},
                         "ops": {"qa_pairs": {"config": {"concurrency": 8, "max_tokens": 256}}},
                     },
                 }
