@@ -335,7 +335,7 @@ def _parse_markdown(text: str) -> Iterable[_Block]:
             while end < count and lines[end].strip() and "|" in lines[end]:
                 end += 1
             rows = lines[index:end]
-            yield _Block(TABLE, "\n".join(rows), headings.path, prefix="\n".join(rows[:2]), body="\n".join(rows[2:]))
+            yield _table_block(rows, headings.path, header_end=2)
             index = end
             after_list = False
             continue
@@ -479,6 +479,11 @@ def _rst_grid_table(lines: list[str], heading_path: tuple[str, ...]) -> _Block:
         if "=" in line and _RST_GRID_BORDER.match(line):
             header_end = index + 1
             break
+    return _table_block(lines, heading_path, header_end)
+
+
+def _table_block(lines: list[str], heading_path: tuple[str, ...], header_end: int) -> _Block:
+    """A table whose first `header_end` lines are repeated on every piece it is split into."""
     return _Block(
         TABLE,
         "\n".join(lines),
@@ -503,13 +508,7 @@ def _rst_simple_table_end(lines: Sequence[str], start: int) -> int:
 def _rst_simple_table(lines: list[str], heading_path: tuple[str, ...]) -> _Block:
     borders = [index for index, line in enumerate(lines) if _RST_SIMPLE_BORDER.match(line)]
     header_end = borders[1] + 1 if len(borders) >= 3 else 1
-    return _Block(
-        TABLE,
-        "\n".join(lines),
-        heading_path,
-        prefix="\n".join(lines[:header_end]),
-        body="\n".join(lines[header_end:]),
-    )
+    return _table_block(lines, heading_path, header_end)
 
 
 _PARSERS: dict[DocumentFormat, Callable[[str], Iterable[_Block]]] = {
