@@ -284,7 +284,7 @@ class Generator:
             # Compact: the journal keeps the document's current chunks only.
             journal.rewrite(current)
         if todo:
-            self.log(progress.line())
+            progress.finish()
         return report
 
     async def _drain(self, todo, model, journals, finished, progress, report, stop, abandon) -> None:

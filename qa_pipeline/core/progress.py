@@ -31,6 +31,7 @@ class Progress:
         self.output_tokens = 0
         self.started = time.monotonic()
         self._last_report = self.started
+        self._reported_done = -1
 
     def advance(self, *, failed: bool = False, cached: bool = False, output_tokens: int = 0) -> None:
         self.done += 1
@@ -39,8 +40,17 @@ class Progress:
         self.output_tokens += output_tokens
         now = time.monotonic()
         if now - self._last_report >= self.interval_s:
-            self._last_report = now
-            self.log(self.line())
+            self._report(now)
+
+    def finish(self) -> None:
+        """The closing line, unless the last periodic report already said the same."""
+        if self._reported_done != self.done:
+            self._report(time.monotonic())
+
+    def _report(self, now: float) -> None:
+        self._last_report = now
+        self._reported_done = self.done
+        self.log(self.line())
 
     @property
     def elapsed_s(self) -> float:
