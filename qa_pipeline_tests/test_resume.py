@@ -116,6 +116,8 @@ def test_an_unchanged_partition_costs_no_request_and_a_changed_prompt_or_force_r
 
     rows = sql("SELECT count(DISTINCT chunk_id) AS chunks, count(*) AS pairs FROM qa_pairs", env)[0]
     assert rows == {"chunks": 40, "pairs": 120}
+    journal = DataLayout(data_dir).journal_file("records.jsonl")
+    assert journal_lines(journal) == 40, "after three prompts, the journal keeps only the current answers"
 
 
 def test_the_cache_key_changes_with_model_prompt_sampling_parameters_and_schema():

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qa_pipeline.core.client import ChatOutcome, outcome_from_payload
-from qa_pipeline.core.generation import ChunkTask, GenerationSettings, request_hash, result_from_outcome
+from qa_pipeline.core.generation import ChunkTask, GenerationSettings, request_hasher, result_from_outcome
 from qa_pipeline.core.prompts import FailureReason, build_messages, response_format
 from qa_pipeline.core.quality import score_partition
 from qa_pipeline.core.storage import ChunkResult, Journal, Storage, results_to_frames, write_text_atomic
@@ -67,6 +67,7 @@ def export_batch_requests(
     already has QA pairs in the journal unless include_done: exactly what `qa_pairs` would still send."""
     settings = settings or GenerationSettings()
     schema = response_format()
+    key_of = request_hasher(model, settings, schema)
     wanted = set(documents) if documents is not None else None
     chunks = storage.query(CHUNKS_SQL)
     lines, done = [], 0
@@ -76,7 +77,7 @@ def export_batch_requests(
         if wanted is not None and document not in wanted:
             continue
         messages = build_messages(row["content"], list(row["heading_path"]), settings.question_types)
-        key = request_hash(model, messages, settings, schema)
+        key = key_of(messages)
         if not include_done:
             if document not in finished:
                 finished[document] = Journal(storage.layout.journal_file(document)).load()

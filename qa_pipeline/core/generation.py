@@ -152,18 +152,30 @@ class GenerationReport:
         return self.output_tokens / self.duration_s if self.duration_s else 0.0
 
 
-def request_hash(model: str, messages: Sequence[dict], settings: GenerationSettings, schema: dict) -> str:
-    """Cache key: any change of model, prompt, sampling parameters or schema changes it."""
-    key = {
+def request_hasher(model: str, settings: GenerationSettings, schema: dict) -> Callable[[Sequence[dict]], str]:
+    """The cache key of a run's requests: any change of model, prompt, sampling parameters or schema
+    changes it. Everything but the messages is the same for the whole run, so it is hashed once."""
+    fixed = {
         "model": model,
-        "messages": list(messages),
         "max_tokens": settings.max_tokens,
         "temperature": settings.temperature,
         "seed": settings.seed,
         "schema": schema,
         "prompt_version": PROMPT_VERSION,
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+    prefix = hashlib.sha256(json.dumps(fixed, sort_keys=True).encode("utf-8"))
+
+    def key(messages: Sequence[dict]) -> str:
+        digest = prefix.copy()
+        digest.update(json.dumps(list(messages), sort_keys=True).encode("utf-8"))
+        return digest.hexdigest()[:32]
+
+    return key
+
+
+def request_hash(model: str, messages: Sequence[dict], settings: GenerationSettings, schema: dict) -> str:
+    """The cache key of one request (see `request_hasher`)."""
+    return request_hasher(model, settings, schema)(messages)
 
 
 def result_from_outcome(task: ChunkTask, key: str, model: str, outcome: ChatOutcome) -> ChunkResult:
@@ -233,12 +245,16 @@ class Generator:
         model = self.client.model or await self.client.resolve_model()
         documents = sorted({t.document for t in tasks})
         journals = {d: Journal(self.layout.journal_file(d)) for d in documents}
-        finished = {d: ({} if self.force else j.load()) for d, j in journals.items()}
+        # Loaded even when forced: the journal then knows its line count, which compaction relies on.
+        finished = {d: j.load() for d, j in journals.items()}
+        if self.force:
+            finished = {d: {} for d in documents}
 
+        key_of = request_hasher(model, self.settings, self.schema)
         keyed = []
         for task in tasks:
             messages = build_messages(task.content, list(task.heading_path), self.settings.question_types)
-            keyed.append((task, messages, request_hash(model, messages, self.settings, self.schema)))
+            keyed.append((task, messages, key_of(messages)))
         todo, queued, repeats = [], set(), 0
         for task, messages, key in keyed:
             done = finished[task.document].get(key)
@@ -274,15 +290,19 @@ class Generator:
         report.duration_s = time.monotonic() - started
         report.output_tokens = progress.output_tokens
 
+        by_document: dict[str, list[ChunkResult]] = {d: [] for d in documents}
+        renamed = set()
+        for task, _, key in keyed:
+            result = finished[task.document][key]
+            if result.chunk_id != task.chunk_id:  # moved, or the same text as another chunk
+                result = result.model_copy(update={"chunk_id": task.chunk_id})
+                renamed.add(task.document)
+            by_document[task.document].append(result)
         for document, journal in journals.items():
-            current = [
-                finished[document][k].model_copy(update={"chunk_id": t.chunk_id})
-                for t, _, k in keyed
-                if t.document == document
-            ]
-            report.results[document] = current
+            current = report.results[document] = by_document[document]
             # Compact: the journal keeps the document's current chunks only.
-            journal.rewrite(current)
+            if document in renamed or not journal.holds_exactly(current):
+                journal.rewrite(current)
         if todo:
             progress.finish()
         return report
@@ -385,8 +405,10 @@ class Generator:
             result = result_from_outcome(task, key, model, outcome)
             if result.ok or result.reason not in REASKED_REASONS:
                 break
+        if not ask:
+            return result, output_tokens  # asked once: the record already has the outcome's figures
         update: dict = {"attempts": attempts, "latency_s": latency_s}
-        if not result.ok and ask:
+        if not result.ok:
             update["detail"] = f"{result.detail} (asked {ask + 1} times)"
         return result.model_copy(update=update), output_tokens
 

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -135,16 +136,15 @@ class SchemaError(ValueError):
 
 @dataclass(frozen=True)
 class _Material:
-    """Sentences of one passage and a short topic phrase for each."""
+    """Sentences of one passage; a short topic phrase is taken from one when a value needs it."""
 
     sentences: tuple[str, ...]
-    topics: tuple[str, ...]
 
     def sentence(self, index: int) -> str:
         return self.sentences[index % len(self.sentences)]
 
     def topic(self, index: int) -> str:
-        return self.topics[index % len(self.topics)]
+        return _topic(self.sentence(index))
 
 
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
@@ -161,18 +161,31 @@ _PHRASE_BREAKS = frozenset(
 
 def _material(passage: str) -> _Material:
     units = [unit.strip() for unit in _SENTENCE_BREAK.split(passage)]
-    sentences = [unit for unit in units if len(_WORD.findall(unit)) >= 3] or [unit for unit in units if unit]
+    sentences = [unit for unit in units if _counts_words(unit, 3)] or [unit for unit in units if unit]
     if not sentences:
         sentences = ["The passage is empty."]
-    return _Material(tuple(sentences), tuple(_topic(sentence) for sentence in sentences))
+    return _Material(tuple(sentences))
+
+
+def _counts_words(text: str, count: int) -> bool:
+    return sum(1 for _ in itertools.islice(_WORD.finditer(text), count)) == count
 
 
 def _topic(sentence: str) -> str:
     """The sentence's leading phrase, cut before its first verb or preposition when it has a common one."""
-    words = _WORD.findall(sentence)
-    while len(words) > 1 and words[0].lower() in _LEADING_STOPWORDS:
-        words.pop(0)
-    end = next((i for i, word in enumerate(words[:5]) if i > 0 and word.lower() in _PHRASE_BREAKS), 5)
+    words: list[str] = []
+    skipped = None  # a sentence of stopwords only keeps its last one
+    for match in _WORD.finditer(sentence):
+        word = match.group()
+        if words or word.lower() not in _LEADING_STOPWORDS:
+            words.append(word)
+            if len(words) == 5:
+                break
+        else:
+            skipped = word
+    if not words and skipped:
+        words = [skipped]
+    end = next((i for i, word in enumerate(words) if i > 0 and word.lower() in _PHRASE_BREAKS), 5)
     return " ".join(words[:end]) or "the passage"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -181,14 +181,23 @@ class Journal:
     def __init__(self, path: Path):
         self.path = path
         self._handle = None
+        # Lines in the file, counted by load() and kept up by append(); None until load() has run.
+        self.lines: int | None = None
+
+    def holds_exactly(self, results: Sequence[ChunkResult]) -> bool:
+        """Whether the file is these results and nothing else, one line each, so compaction has nothing
+        to do. The caller vouches that every result was loaded from or appended to this journal."""
+        return self.lines == len(results) and len({r.request_hash for r in results}) == len(results)
 
     def load(self) -> dict[str, ChunkResult]:
         """Latest result per request hash; a line cut short by a crash is skipped."""
         results: dict[str, ChunkResult] = {}
+        self.lines = 0
         if not self.path.exists():
             return results
         with self.path.open("r", encoding="utf-8") as handle:
             for line in handle:
+                self.lines += 1
                 try:
                     result = ChunkResult.model_validate_json(line)
                 except ValueError:
@@ -236,10 +245,14 @@ class Journal:
         assert self._handle is not None, "Journal.append outside `with`"
         self._handle.write(result.model_dump_json() + "\n")
         self._handle.flush()
+        if self.lines is not None:
+            self.lines += 1
 
     def rewrite(self, results: Iterable[ChunkResult]) -> None:
         """Keep only the given results (the document's current chunks), replacing the file atomically."""
+        results = list(results)
         write_text_atomic("".join(r.model_dump_json() + "\n" for r in results), self.path)
+        self.lines = len(results)
 
 
 def results_to_frames(results: Iterable[ChunkResult]) -> tuple[pl.DataFrame, pl.DataFrame]:
