@@ -8,7 +8,8 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -241,7 +242,18 @@ class Generator:
         self.stop_grace_s = stop_grace_s
         self.schema = response_format()
 
-    async def run(self, tasks: Sequence[ChunkTask], stop: asyncio.Event | None = None) -> GenerationReport:
+    async def run(
+        self,
+        tasks: Sequence[ChunkTask],
+        stop: asyncio.Event | None = None,
+        on_document_done: Callable[[str, list[ChunkResult]], Awaitable[None]] | None = None,
+    ) -> GenerationReport:
+        """Generates what is not in the journal yet; returns every chunk's result, per document.
+
+        `on_document_done(document, results)` runs as soon as a document's last chunk has its result
+        (at once for a document with nothing to send), alongside the rest of the queue: a run over
+        many documents writes each one's tables while the server works on the others.
+        """
         model = self.client.model or await self.client.resolve_model()
         documents = sorted({t.document for t in tasks})
         journals = {d: Journal(self.layout.journal_file(d)) for d in documents}
@@ -278,36 +290,59 @@ class Generator:
             f"(model {model}, concurrency {self.limiter.limit})"
         )
 
+        keys_by_document: dict[str, list[tuple[str, str]]] = {d: [] for d in documents}
+        for task, _, key in keyed:
+            keys_by_document[task.document].append((task.chunk_id, key))
+
+        def current(document: str) -> tuple[list[ChunkResult], bool]:
+            """The document's results in chunk order, and whether any moved to another chunk id."""
+            results, renamed = [], False
+            for chunk_id, key in keys_by_document[document]:
+                result = finished[document][key]
+                if result.chunk_id != chunk_id:  # moved, or the same text as another chunk
+                    result, renamed = result.model_copy(update={"chunk_id": chunk_id}), True
+                results.append(result)
+            return results, renamed
+
+        hooks: list[asyncio.Task] = []
+        unfinished = Counter(task.document for task, _, _ in todo)
+
+        def chunk_done(document: str) -> None:
+            unfinished[document] -= 1
+            if unfinished[document] == 0 and on_document_done is not None:
+                hooks.append(asyncio.create_task(on_document_done(document, current(document)[0])))
+
+        if on_document_done is not None:
+            hooks.extend(
+                asyncio.create_task(on_document_done(d, current(d)[0])) for d in documents if not unfinished[d]
+            )
         started = time.monotonic()
         stop = stop or asyncio.Event()
         abandon = asyncio.Event()
-        with ExitStack() as stack:
-            # Entered first, left last: a signal is passed on only after the journals are closed.
-            stack.enter_context(stop_on_signals(stop, abandon, self.log))
-            for journal in journals.values():
-                stack.enter_context(journal)
-            await self._drain(todo, model, journals, finished, progress, report, stop, abandon)
-        report.duration_s = time.monotonic() - started
-        report.output_tokens = progress.output_tokens
+        try:
+            with ExitStack() as stack:
+                # Entered first, left last: a signal is passed on only after the journals are closed.
+                stack.enter_context(stop_on_signals(stop, abandon, self.log))
+                for journal in journals.values():
+                    stack.enter_context(journal)
+                await self._drain(todo, model, journals, finished, progress, report, stop, abandon, chunk_done)
+            report.duration_s = time.monotonic() - started
+            report.output_tokens = progress.output_tokens
+            await asyncio.gather(*hooks)
+        finally:
+            await asyncio.gather(*hooks, return_exceptions=True)  # none is left running on the way out
 
-        by_document: dict[str, list[ChunkResult]] = {d: [] for d in documents}
-        renamed = set()
-        for task, _, key in keyed:
-            result = finished[task.document][key]
-            if result.chunk_id != task.chunk_id:  # moved, or the same text as another chunk
-                result = result.model_copy(update={"chunk_id": task.chunk_id})
-                renamed.add(task.document)
-            by_document[task.document].append(result)
         for document, journal in journals.items():
-            current = report.results[document] = by_document[document]
+            results, renamed = current(document)
+            report.results[document] = results
             # Compact: the journal keeps the document's current chunks only.
-            if document in renamed or not journal.holds_exactly(current):
-                journal.rewrite(current)
+            if renamed or not journal.holds_exactly(results):
+                journal.rewrite(results)
         if todo:
             progress.finish()
         return report
 
-    async def _drain(self, todo, model, journals, finished, progress, report, stop, abandon) -> None:
+    async def _drain(self, todo, model, journals, finished, progress, report, stop, abandon, chunk_done) -> None:
         queue: asyncio.Queue = asyncio.Queue()
         for item in todo:
             queue.put_nowait(item)
@@ -328,6 +363,7 @@ class Generator:
                     result, output_tokens = await self._ask(task, messages, key, model)
                 journals[task.document].append(result)
                 finished[task.document][key] = result
+                chunk_done(task.document)
                 last_finish = time.monotonic()
                 progress.advance(failed=not result.ok, output_tokens=output_tokens)
                 if not result.ok:

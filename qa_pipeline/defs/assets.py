@@ -1,6 +1,7 @@
 """The asset graph: source documents → chunks → test sample → concurrency benchmark → QA pairs → report."""
 
 
+import asyncio
 import os
 
 import dagster as dg
@@ -16,7 +17,7 @@ from qa_pipeline.core.prompts import DEFAULT_QUESTION_TYPES, PROMPT_VERSION, bui
 from qa_pipeline.core.quality import refresh_pair_scores, score_partition
 from qa_pipeline.core.report import build_report, to_markdown_table
 from qa_pipeline.core.sampling import stratified_sample
-from qa_pipeline.core.storage import results_to_frames, write_parquet_atomic, write_text_atomic
+from qa_pipeline.core.storage import ChunkResult, results_to_frames, write_parquet_atomic, write_text_atomic
 from qa_pipeline.defs.partitions import documents
 from qa_pipeline.defs.resources import MODEL_ENV, LLMResource, StorageResource
 
@@ -183,7 +184,15 @@ async def qa_pairs(
         stall_timeout_s=config.stall_timeout_s,
         force=config.force_regenerate,
     )
-    report = await generator.run(tasks) if tasks else GenerationReport(results={})
+    outcomes: dict[str, tuple[dict, str | None]] = {}
+
+    async def document_done(document: str, results: list[ChunkResult]) -> None:
+        # Written while the server still works on the run's other documents.
+        outcomes[document] = await asyncio.to_thread(
+            _document_outcome, document, results, storage, config.failure_threshold
+        )
+
+    report = await generator.run(tasks, on_document_done=document_done) if tasks else GenerationReport(results={})
     run_metadata = {
         "requests_sent": report.sent,
         "chunks_from_cache": report.cached,
@@ -196,11 +205,9 @@ async def qa_pairs(
         title = f"qa_pairs {documents_in_run[0]}" if len(documents_in_run) == 1 else f"qa_pairs ({len(tasks)} chunks)"
         plot = plot_generation_telemetry(report.telemetry, title)
         run_metadata["throughput_plot"] = dg.MetadataValue.md(_inline_png(plot, "throughput, concurrency and server load"))
-    outcomes = {
-        document: _document_outcome(document, report, storage, config.failure_threshold)
-        for document in documents_in_run
-        if document not in missing
-    }
+    for document in documents_in_run:
+        if document not in missing and document not in outcomes:  # a chunks table without rows
+            outcomes[document] = _document_outcome(document, [], storage, config.failure_threshold)
     if len(documents_in_run) > 1:
         return _several_documents_result(context, outcomes, missing, run_metadata)
     metadata, failure = outcomes[documents_in_run[0]]
@@ -226,15 +233,14 @@ def _chunk_tasks(documents_in_run: list[str], storage: StorageResource) -> tuple
 
 
 def _document_outcome(
-    document: str, report: GenerationReport, storage: StorageResource, failure_threshold: float
+    document: str, results: list[ChunkResult], storage: StorageResource, failure_threshold: float
 ) -> tuple[dict, str | None]:
     """Writes one document's tables; its metadata, and why it fails (None when under the threshold)."""
-    results = report.results[document]
     pairs, failures = results_to_frames(results)
     storage.storage.write_partition("qa_pairs", document, pairs)
     storage.storage.write_partition("failures", document, failures)
     score_partition(storage.storage, document)  # pair_scores, read by the asset checks
-    failure_rate = report.failure_rate(document)
+    failure_rate = failures.height / len(results) if results else 0.0
     metadata = {
         "dagster/row_count": pairs.height,
         "chunks": len(results),
