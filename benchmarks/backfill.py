@@ -108,7 +108,7 @@ def run_backfill(
     from dagster._core.execution.backfill import PartitionBackfill  # the UI's own backfill record
     from dagster._core.utils import make_new_backfill_id
 
-    from benchmarks.backfill_definitions import defs, qa_pairs_single_run
+    from benchmarks.backfill_definitions import defs, qa_pairs
 
     with tempfile.TemporaryDirectory(prefix="qa-bench-p3-") as scratch:
         root = Path(scratch)
@@ -152,7 +152,7 @@ def run_backfill(
                         backfill_id=backfill_id,
                         asset_graph=defs.resolve_asset_graph(),
                         partition_names=keys,
-                        asset_selection=[qa_pairs_single_run.key],
+                        asset_selection=[qa_pairs.key],
                         backfill_timestamp=submitted,
                         tags={},
                         dynamic_partitions_store=instance,
@@ -175,13 +175,13 @@ def run_backfill(
                     os.killpg(daemon.pid, signal.SIGKILL)
                     daemon.wait()
             latest = instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=qa_pairs_single_run.key), limit=1
+                dg.AssetRecordsFilter(asset_key=qa_pairs.key), limit=1
             ).records
             queue_duration_s = (
                 latest[0].asset_materialization.metadata["duration_s"].value if latest else float("nan")
             )
             phases = _run_phases(instance, records[0], submitted, queue_duration_s) if len(records) == 1 else {}
-            statuses = instance.get_status_by_partition(qa_pairs_single_run.key, keys, qa_pairs_single_run.partitions_def)
+            statuses = instance.get_status_by_partition(qa_pairs.key, keys, qa_pairs.partitions_def)
         ended = max(r.end_time for r in records if r.end_time)
         started = min(r.start_time for r in records if r.start_time)
         succeeded = sum(status == dg.AssetPartitionStatus.MATERIALIZED for status in (statuses or {}).values())

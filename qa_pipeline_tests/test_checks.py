@@ -147,3 +147,31 @@ def test_the_judged_sample_stores_verdicts_and_their_agreement_with_the_scores(p
         for document in judgements["document"].unique().to_list()
     }
     assert flags == {GOOD: {False}, BAD: {True}}
+
+
+def test_a_run_over_several_documents_checks_each_document_on_its_own(pipeline):
+    """Under a multi-document backfill policy (QA_PIPELINE_DOCUMENTS_PER_RUN) one run covers a range
+    of documents: each check records a verdict per document, and the bad one alone fails."""
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    single_run = qa_pairs.with_attributes(backfill_policy=dg.BackfillPolicy.single_run())
+    job = dg.define_asset_job("qa_pairs_range", selection=dg.AssetSelection.assets(single_run))
+    definitions = dg.Definitions(
+        assets=[single_run], asset_checks=QA_PAIRS_CHECKS, jobs=[job], resources=pipeline.resources
+    )
+    result = definitions.resolve_job_def("qa_pairs_range").execute_in_process(
+        instance=pipeline.instance,
+        raise_on_error=False,
+        run_config={"ops": {"qa_pairs": {"config": {"concurrency": 4}}}},
+        tags={ASSET_PARTITION_RANGE_START_TAG: GOOD, ASSET_PARTITION_RANGE_END_TAG: BAD},
+    )
+
+    verdicts = {(e.check_name, e.partition): e.passed for e in result.get_asset_check_evaluations()}
+    assert verdicts == {
+        ("success_rate", GOOD): True, ("success_rate", BAD): True,
+        ("groundedness", GOOD): True, ("groundedness", BAD): False,
+        ("duplicates", GOOD): True, ("duplicates", BAD): True,
+    }
+    assert not result.success, "a failing blocking check fails its step"
+    failed_steps = {event.step_key for event in result.all_events if event.is_step_failure}
+    assert failed_steps == {"qa_pairs_groundedness"}

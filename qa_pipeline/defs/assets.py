@@ -22,6 +22,27 @@ from qa_pipeline.defs.partitions import documents
 from qa_pipeline.defs.resources import MODEL_ENV, LLMResource, StorageResource
 
 
+# How many documents one backfill run of `qa_pairs` covers, read when the code loads: 1 (Dagster's
+# default, a run per document), a number N (runs of up to N documents), or "all" (one run).
+DOCUMENTS_PER_RUN_ENV = "QA_PIPELINE_DOCUMENTS_PER_RUN"
+
+
+def backfill_policy(documents_per_run: str | None) -> dg.BackfillPolicy | None:
+    """The `qa_pairs` backfill policy for a QA_PIPELINE_DOCUMENTS_PER_RUN value.
+
+    A run starts a Python process and costs seconds of Dagster bookkeeping; for documents of a
+    few dozen chunks that is longer than the generation itself and the server waits. Several
+    documents in one run share one work queue, and a document over its failure threshold still
+    fails alone (see _several_documents_result).
+    """
+    value = (documents_per_run or "1").strip().lower()
+    if value == "all":
+        return dg.BackfillPolicy.single_run()
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{DOCUMENTS_PER_RUN_ENV} must be a positive number or 'all', not {documents_per_run!r}")
+    return None if int(value) == 1 else dg.BackfillPolicy.multi_run(int(value))
+
+
 class ChunkingConfig(dg.Config):
     target_tokens: int = 400
     overlap_tokens: int = 50
@@ -159,6 +180,7 @@ async def concurrency_benchmark(
     # A new prompt or model marks every partition stale in the UI (read when the code loads).
     code_version=f"{PROMPT_VERSION}+{os.environ.get(MODEL_ENV) or 'embedded'}",
     pool="llm_server",
+    backfill_policy=backfill_policy(os.environ.get(DOCUMENTS_PER_RUN_ENV)),
 )
 async def qa_pairs(
     context: dg.AssetExecutionContext, config: QAPairsConfig, llm: LLMResource, storage: StorageResource
