@@ -7,6 +7,7 @@ policy of benchmarks/backfill_definitions.py the daemon turns it into one run ov
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
+from dagster._daemon.controller import DEFAULT_DAEMON_INTERVAL_SECONDS
 
 from benchmarks.workloads import REPO, make_tasks
 from qa_pipeline.core.chunking import Chunk, chunks_to_frame, content_hash, count_tokens
@@ -70,6 +72,11 @@ def _write_inputs(layout: DataLayout, documents: int, chunks_per_document: int) 
         keys.append(key)
     return keys
 
+
+# The backfill daemon's pause between passes (30 s; not configurable in dagster.yaml).
+BACKFILL_DAEMON_INTERVAL_S = float(DEFAULT_DAEMON_INTERVAL_SECONDS)
+# When the backfill is submitted after a pass of the backfill daemon: half its interval, a user's mean wait.
+DAEMON_PHASE_S = BACKFILL_DAEMON_INTERVAL_S / 2
 
 INSTANCE_YAML = """
 run_coordinator:
@@ -139,7 +146,11 @@ def run_backfill(
                 start_new_session=True,
             )
             try:
-                _wait_for_daemon(instance, daemon, root / "daemon.log")
+                first_pass = _wait_for_daemon(instance, daemon, root / "daemon.log")
+                # The backfill daemon looks for new backfills every 30 s (a fixed interval): a backfill
+                # submitted at a random moment waits 15 s on average, so submit halfway between passes.
+                passes = math.ceil((time.time() + 1 - first_pass - DAEMON_PHASE_S) / BACKFILL_DAEMON_INTERVAL_S)
+                time.sleep(max(0.0, first_pass + passes * BACKFILL_DAEMON_INTERVAL_S + DAEMON_PHASE_S - time.time()))
                 samples: list[float] = []
                 stop = threading.Event()
                 sampler = threading.Thread(target=_sample_running, args=(base_url, stop, samples), daemon=True)
@@ -230,14 +241,17 @@ def _run_phases(
     }
 
 
-def _wait_for_daemon(instance: dg.DagsterInstance, daemon: subprocess.Popen, log_file: Path) -> None:
+def _wait_for_daemon(instance: dg.DagsterInstance, daemon: subprocess.Popen, log_file: Path) -> float:
+    """Waits for the run queue and the backfill daemon; returns when the backfill daemon's first pass
+    began (its first heartbeat is written just before it)."""
     deadline = time.time() + 120
     while time.time() < deadline:
         if daemon.poll() is not None:
             raise RuntimeError(f"dagster-daemon exited with {daemon.returncode}: {log_file.read_text()[-2000:]}")
-        if "QUEUED_RUN_COORDINATOR" in {h.daemon_type for h in instance.get_daemon_heartbeats().values()}:
-            return
-        time.sleep(1)
+        heartbeats = instance.get_daemon_heartbeats()
+        if "QUEUED_RUN_COORDINATOR" in heartbeats and "BACKFILL" in heartbeats:
+            return heartbeats["BACKFILL"].timestamp
+        time.sleep(0.2)
     raise TimeoutError(f"dagster-daemon sent no heartbeat within 120 s: {log_file.read_text()[-2000:]}")
 
 

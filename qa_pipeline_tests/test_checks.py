@@ -126,7 +126,7 @@ def test_a_partition_with_invented_answers_fails_its_groundedness_check_and_bloc
     assert result.asset_materializations_for_node("qa_pairs")[0].metadata["requests_sent"].value == 0
     assert materialized(result) == {"qa_pairs"}
 
-    lenient = {"qa_pairs_groundedness": {"config": {"min_mean_groundedness": 0.0, "max_unsupported_share": 1.0}}}
+    lenient = {"qa_pairs_quality": {"config": {"min_mean_groundedness": 0.0, "max_unsupported_share": 1.0}}}
     assert evaluations(pipeline.materialize([qa_pairs], BAD, lenient))["groundedness"].passed
 
 
@@ -174,4 +174,4 @@ def test_a_run_over_several_documents_checks_each_document_on_its_own(pipeline):
     }
     assert not result.success, "a failing blocking check fails its step"
     failed_steps = {event.step_key for event in result.all_events if event.is_step_failure}
-    assert failed_steps == {"qa_pairs_groundedness"}
+    assert failed_steps == {"qa_pairs_quality"}
