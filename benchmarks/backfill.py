@@ -232,12 +232,18 @@ def _run_phases(
     if not ("RUN_START" in times and "STEP_START" in times and step_end and run_end):
         return {}
     step = step_end - times["STEP_START"]
+    steps: dict[str, list[float]] = {}
+    for entry in instance.all_logs(record.dagster_run.run_id, of_type={
+        dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE
+    }):
+        steps.setdefault(entry.step_key, []).append(entry.timestamp)
     return {
         "submission to run created (the daemon's pass over backfills)": created - submitted,
         "run created to run start (queue, launch, process start)": times["RUN_START"] - created,
         "run start to step start": times["STEP_START"] - times["RUN_START"],
         "step outside the work queue": step - queue_duration_s,
         "step end to run end": run_end - step_end,
+        **{f"step {key}": max(stamps) - min(stamps) for key, stamps in steps.items()},
     }
 
 
