@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.backfill import run_backfill  # noqa: E402
+from benchmarks.shared_runs import run_shared  # noqa: E402
 from benchmarks.workloads import (  # noqa: E402
     SETTINGS,
     THROUGHPUT_PROFILE,
@@ -54,10 +55,14 @@ class Sizes:
     p4_chunks: int
     sweep_seconds_per_level: float
     sweep_levels: tuple[int, ...]
+    shared_runs: int = 4  # P3 with several runs at once: runs, each over this many documents of 20 chunks
+    shared_documents_per_run: int = 10
 
 
 FULL = Sizes(2000, 400, 100, 20, 10000, 30.0, SWEEP_LEVELS)
-QUICK = Sizes(600, 300, 100, 5, 3000, 12.0, (1, 8, 32, 64, 128))
+QUICK = Sizes(600, 300, 100, 5, 3000, 12.0, (1, 8, 32, 64, 128), shared_documents_per_run=4)
+# Fixed levels per run that P3's several-runs comparison tries: 4 x 32 is the best single-run level.
+SHARED_FIXED_LEVELS = (32, 64)
 
 
 @dataclass
@@ -171,6 +176,9 @@ def throughput_workloads(session: Session, only: set[str]) -> None:
                     f"recommended level {recommended} vs best swept level {best}, each on the same {n} chunks",
                 ))
 
+        if "P3" in only:
+            shared_runs_comparison(session, sim.base_url, ceiling)
+
         if "P2" in only:
             n = session.sizes.p2_chunks
             p2_tasks = session.tasks(n, "p2")
@@ -185,6 +193,36 @@ def throughput_workloads(session: Session, only: set[str]) -> None:
                 "(batches of 100, semaphore 30)",
             ))
 
+
+
+def shared_runs_comparison(session: Session, base_url: str, ceiling: float) -> None:
+    """P3's second target: several runs at once on one server, `concurrency: auto` in each vs the best
+    fixed level per run, on the same chunks (see benchmarks/shared_runs.py)."""
+    sizes = session.sizes
+    args = (base_url, sizes.shared_runs, sizes.shared_documents_per_run, sizes.p3_chunks_per_document)
+    # The same documents (so the same output lengths) for every compared setting, unlike any other workload's.
+    first = -(-session.offset // sizes.p3_chunks_per_document)
+    session.offset = (first + sizes.shared_runs * sizes.shared_documents_per_run) * sizes.p3_chunks_per_document
+    results = {limit: run_shared(*args, limit, first_document=first) for limit in ("auto", *map(str, SHARED_FIXED_LEVELS))}
+    for limit, result in results.items():
+        log(
+            f"P3 {result.runs} runs at once, concurrency {limit} each: {result.output_tokens_per_s:.0f} output tok/s "
+            f"= {result.output_tokens_per_s / ceiling:.3f} of the ceiling, {result.chunks} chunks in {result.duration_s:.1f} s; "
+            f"per run {', '.join(f'{v:.0f}' for v in result.per_run_tokens_per_s)}"
+        )
+    auto = results.pop("auto")
+    best = max(results.values(), key=lambda r: r.output_tokens_per_s)
+    session.figures["p3_shared"] = {
+        "auto": auto.output_tokens_per_s, **{limit: r.output_tokens_per_s for limit, r in results.items()},
+        "auto_per_run": auto.per_run_tokens_per_s,
+    }
+    session.report(Line(
+        "P3", "adaptive/best-fixed (several runs)", auto.output_tokens_per_s / best.output_tokens_per_s, 0.90,
+        f"{auto.runs} runs at once x {sizes.shared_documents_per_run} documents x {sizes.p3_chunks_per_document} chunks "
+        f"on one server: auto {auto.output_tokens_per_s:.0f} vs fixed {best.limit} per run "
+        f"{best.output_tokens_per_s:.0f} output tok/s; auto's runs got {min(auto.per_run_tokens_per_s):.0f}"
+        f"-{max(auto.per_run_tokens_per_s):.0f} tok/s each",
+    ))
 
 
 def backfill_workload(session: Session) -> None:
@@ -261,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with open("/proc/loadavg") as handle:
         load_before = handle.read().split()[:3]
-    if only & {"P1", "P2", "P5"}:
+    if only & {"P1", "P2", "P3", "P5"}:
         throughput_workloads(session, only)
     if "P3" in only:
         backfill_workload(session)
