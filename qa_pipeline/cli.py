@@ -9,13 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+from qa_pipeline.core.client import DEFAULT_REQUEST_TIMEOUT_S, REQUEST_TIMEOUT_ENV, seconds_from_env
+from qa_pipeline.core.generation import DEFAULT_STALL_TIMEOUT_S, STALL_TIMEOUT_ENV
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.progress import format_duration
 from qa_pipeline.core.storage import Storage
 
 DAGSTER_HOME_ENV = "DAGSTER_HOME"
-REQUEST_TIMEOUT_ENV = "QA_PIPELINE_REQUEST_TIMEOUT_S"
-STALL_TIMEOUT_ENV = "QA_PIPELINE_STALL_TIMEOUT_S"
 RESUME_HINT = "Finished chunks are saved; run the same command again to resume where it stopped."
 
 
@@ -205,13 +205,10 @@ def command_simulate(args: argparse.Namespace) -> int:
 
 
 def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    if not value:
-        return default
     try:
-        return float(value)
-    except ValueError:
-        raise SystemExit(f"qa-pipeline: {name}={value!r} is not a number of seconds") from None
+        return seconds_from_env(name, default)
+    except ValueError as error:
+        raise SystemExit(f"qa-pipeline: {error}") from None
 
 
 def _concurrency(text: str) -> int | str:
@@ -262,14 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--request-timeout",
         type=float,
-        default=_env_float(REQUEST_TIMEOUT_ENV, 300.0),
+        default=_env_float(REQUEST_TIMEOUT_ENV, DEFAULT_REQUEST_TIMEOUT_S),
         metavar="SECONDS",
         help=f"give up on one request after this long, then retry it (default: ${REQUEST_TIMEOUT_ENV} or 300)",
     )
     run.add_argument(
         "--stall-timeout",
         type=float,
-        default=_env_float(STALL_TIMEOUT_ENV, 900.0),
+        default=_env_float(STALL_TIMEOUT_ENV, DEFAULT_STALL_TIMEOUT_S),
         metavar="SECONDS",
         help=f"fail the run when no chunk finishes for this long (default: ${STALL_TIMEOUT_ENV} or 900)",
     )

@@ -235,6 +235,33 @@ def test_a_stalled_command_line_run_says_so_and_fails(simulator, data_dir):
     assert "STALLED" in run.stderr and "no progress for 3 s" in run.stderr
 
 
+def test_in_dagster_the_stall_and_request_timeouts_come_from_the_environment(simulator, data_dir, monkeypatch):
+    """Runs launched from the UI have no command line: the same variables set the same limits."""
+    import dagster as dg
+
+    from qa_pipeline.defs.assets import chunks, qa_pairs
+    from qa_pipeline.defs.resources import LLMResource, StorageResource
+
+    sim = simulator(**FAST, fault_rate=1.0, fault_kinds=["hang"], hang_s=60)
+    (data_dir / "sources" / "notes.md").write_text("# Notes\n\nThe upload worker retries three times.\n")
+    monkeypatch.setenv("QA_PIPELINE_STALL_TIMEOUT_S", "3")
+    monkeypatch.setenv("QA_PIPELINE_REQUEST_TIMEOUT_S", "60")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("documents", ["notes.md"])
+    resources = {"llm": LLMResource(base_url=sim.base_url), "storage": StorageResource(data_dir=str(data_dir))}
+    assert dg.materialize([chunks], partition_key="notes.md", instance=instance, resources=resources).success
+
+    started = time.monotonic()
+    result = dg.materialize(
+        [qa_pairs], partition_key="notes.md", instance=instance, resources=resources, raise_on_error=False,
+        run_config={"ops": {"qa_pairs": {"config": {"concurrency": 2}}}},
+    )
+    assert not result.success
+    failure = next(event for event in result.all_events if event.is_step_failure)
+    assert "STALLED: no chunk finished in 3 s" in str(failure.step_failure_data.error)
+    assert time.monotonic() - started < 30, "the 3 s stall timeout ended the run, not the 60 s request timeout"
+
+
 def test_a_ten_percent_fault_mix_over_a_thousand_chunks_ends_with_at_least_99_percent_done(simulator, data_dir):
     sim = simulator(**FAST, max_num_seqs=64, fault_rate=0.1, hang_s=30, retry_after_s=1, fault_seed=7)
     with (data_dir / "sources" / "records.jsonl").open("w") as handle:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import json
 import random
 import time
@@ -17,6 +18,21 @@ from qa_pipeline.core.prompts import FailureReason
 
 _JSON_CONTENT = {"Content-Type": "application/json"}
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+REQUEST_TIMEOUT_ENV = "QA_PIPELINE_REQUEST_TIMEOUT_S"
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    """A duration from the environment variable `name`, or `default` when it is unset or empty."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a number of seconds") from None
 
 
 class ClientConfig(BaseModel):

@@ -32,6 +32,10 @@ from qa_pipeline.core.prompts import (
 from qa_pipeline.core.storage import ChunkResult, Journal
 
 
+STALL_TIMEOUT_ENV = "QA_PIPELINE_STALL_TIMEOUT_S"
+DEFAULT_STALL_TIMEOUT_S = 900.0
+
+
 class GenerationSettings(BaseModel):
     """Everything that shapes a request; all of it goes into the cache key."""
 

@@ -11,7 +11,15 @@ from qa_pipeline.core import benchmark as bench
 from qa_pipeline.core.chunking import chunk_document, chunks_to_frame
 from qa_pipeline.core.concurrency import AdaptiveLimit, FixedLimit
 from qa_pipeline.core.documents import DocumentError, discover_documents, read_document
-from qa_pipeline.core.generation import ChunkTask, GenerationReport, GenerationSettings, Generator
+from qa_pipeline.core.client import seconds_from_env
+from qa_pipeline.core.generation import (
+    DEFAULT_STALL_TIMEOUT_S,
+    STALL_TIMEOUT_ENV,
+    ChunkTask,
+    GenerationReport,
+    GenerationSettings,
+    Generator,
+)
 from qa_pipeline.core.plots import plot_generation_telemetry, telemetry_summary
 from qa_pipeline.core.prompts import DEFAULT_QUESTION_TYPES, PROMPT_VERSION, build_messages
 from qa_pipeline.core.quality import refresh_pair_scores, score_partition
@@ -75,7 +83,7 @@ class QAPairsConfig(GenerationConfig):
     adaptive_concurrency: bool = False  # `--concurrency auto`: follow the server's load instead of a fixed level
     max_concurrency: int = 256  # the adaptive limit never goes above this
     failure_threshold: float = 0.05
-    stall_timeout_s: float = 900.0
+    stall_timeout_s: float | None = None  # None: $QA_PIPELINE_STALL_TIMEOUT_S, else 900
     progress_interval_s: float = 10.0
     force_regenerate: bool = False
 
@@ -203,7 +211,11 @@ async def qa_pairs(
         limiter,
         log=context.log.info,
         progress_interval_s=config.progress_interval_s,
-        stall_timeout_s=config.stall_timeout_s,
+        stall_timeout_s=(
+            config.stall_timeout_s
+            if config.stall_timeout_s is not None
+            else seconds_from_env(STALL_TIMEOUT_ENV, DEFAULT_STALL_TIMEOUT_S)
+        ),
         force=config.force_regenerate,
     )
     outcomes: dict[str, tuple[dict, str | None]] = {}

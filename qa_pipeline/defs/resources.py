@@ -9,7 +9,13 @@ from contextlib import asynccontextmanager
 import dagster as dg
 from pydantic import PrivateAttr, SecretStr
 
-from qa_pipeline.core.client import ClientConfig, LLMClient
+from qa_pipeline.core.client import (
+    DEFAULT_REQUEST_TIMEOUT_S,
+    REQUEST_TIMEOUT_ENV,
+    ClientConfig,
+    LLMClient,
+    seconds_from_env,
+)
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.storage import Storage
 
@@ -44,7 +50,7 @@ class LLMResource(dg.ConfigurableResource):
     base_url: str | None = None
     model: str | None = None
     api_key_env_var: str = API_KEY_ENV
-    request_timeout_s: float = 300.0
+    request_timeout_s: float | None = None  # None: $QA_PIPELINE_REQUEST_TIMEOUT_S, else 300
     connect_timeout_s: float = 10.0
     max_retries: int = 4
     backoff_base_s: float = 0.5
@@ -58,7 +64,11 @@ class LLMResource(dg.ConfigurableResource):
             base_urls=base_urls,
             model=model,
             api_key=SecretStr(key) if key else None,
-            request_timeout_s=self.request_timeout_s,
+            request_timeout_s=(
+                self.request_timeout_s
+                if self.request_timeout_s is not None
+                else seconds_from_env(REQUEST_TIMEOUT_ENV, DEFAULT_REQUEST_TIMEOUT_S)
+            ),
             connect_timeout_s=self.connect_timeout_s,
             max_retries=self.max_retries,
             backoff_base_s=self.backoff_base_s,
