@@ -1,6 +1,6 @@
 """Throughput benchmarks P1-P5 of issue 5, side by side on simulator processes; one line per target.
 
-    python benchmarks/run.py            # the full set, about 12 minutes on a quiet 2-core machine
+    python benchmarks/run.py            # the full set, about 14 minutes on a quiet 2-core machine
     python benchmarks/run.py --quick    # smaller workloads (about 5 minutes); figures are indicative only
     python benchmarks/run.py --only P1,P4
 
