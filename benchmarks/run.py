@@ -1,7 +1,7 @@
 """Throughput benchmarks P1-P5 of issue 5, side by side on simulator processes; one line per target.
 
     python benchmarks/run.py            # the full set, about 14 minutes on a quiet 2-core machine
-    python benchmarks/run.py --quick    # smaller workloads (about 5 minutes); figures are indicative only
+    python benchmarks/run.py --quick    # smaller workloads (about 6.5 minutes): a smoke test, not the targets
     python benchmarks/run.py --only P1,P4
 
 Each line reads `NAME measure=value target>=goal PASS|FAIL (details)`. Plots and a JSON of the
