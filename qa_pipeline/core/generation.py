@@ -311,15 +311,18 @@ class Generator:
         hooks: list[asyncio.Task] = []
         unfinished = Counter(task.document for task, _, _ in todo)
 
-        def chunk_done(document: str) -> None:
-            unfinished[document] -= 1
-            if unfinished[document] == 0 and on_document_done is not None:
+        def hand_over(document: str) -> None:
+            if on_document_done is not None:
                 hooks.append(asyncio.create_task(on_document_done(document, current(document)[0])))
 
-        if on_document_done is not None:
-            hooks.extend(
-                asyncio.create_task(on_document_done(d, current(d)[0])) for d in documents if not unfinished[d]
-            )
+        def chunk_done(document: str) -> None:
+            unfinished[document] -= 1
+            if unfinished[document] == 0:
+                hand_over(document)
+
+        for document in documents:
+            if not unfinished[document]:  # nothing to send: its results are all in the journal
+                hand_over(document)
         started = time.monotonic()
         stop = stop or asyncio.Event()
         abandon = asyncio.Event()

@@ -9,9 +9,9 @@ import polars as pl
 
 from qa_pipeline.core import benchmark as bench
 from qa_pipeline.core.chunking import chunk_document, chunks_to_frame
+from qa_pipeline.core.client import seconds_from_env
 from qa_pipeline.core.concurrency import AdaptiveLimit, FixedLimit
 from qa_pipeline.core.documents import DocumentError, discover_documents, read_document
-from qa_pipeline.core.client import seconds_from_env
 from qa_pipeline.core.generation import (
     DEFAULT_STALL_TIMEOUT_S,
     STALL_TIMEOUT_ENV,
