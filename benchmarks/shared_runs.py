@@ -10,20 +10,14 @@ each, after their imports), so the comparison measures the server's sharing, not
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from benchmarks.workloads import REPO, SETTINGS, client_config, make_tasks
-from qa_pipeline.core.client import LLMClient
+from benchmarks.workloads import REPO, make_tasks, run_generator
 from qa_pipeline.core.concurrency import AdaptiveLimit, FixedLimit
-from qa_pipeline.core.generation import Generator
-from qa_pipeline.core.layout import DataLayout
 
 # Time for every worker process to import the project before the common start.
 START_DELAY_S = 6.0
@@ -78,17 +72,8 @@ def _worker(base_url: str, start_at: float, first_document: int, documents: int,
         for task in make_tasks(chunks, f"doc-{number:04d}.md", offset=number * chunks)
     ]
     limiter = AdaptiveLimit() if limit == "auto" else FixedLimit(int(limit))
-
-    async def generate(layout: DataLayout) -> dict:
-        async with LLMClient(client_config(base_url)) as client:
-            await client.resolve_model()
-            generator = Generator(client, layout, SETTINGS, limiter, log=lambda line: None, progress_interval_s=3600)
-            await asyncio.sleep(max(0.0, start_at - time.time()))
-            report = await generator.run(tasks)
-        return {"chunks": len(tasks), "output_tokens": report.output_tokens, "ended": time.time()}
-
-    with tempfile.TemporaryDirectory(prefix="qa-bench-shared-") as scratch:
-        return asyncio.run(generate(DataLayout(root=Path(scratch))))
+    run = run_generator(base_url, tasks, limiter, start_at=start_at)
+    return {"chunks": len(tasks), "output_tokens": run.output_tokens, "ended": run.ended_at}
 
 
 if __name__ == "__main__":

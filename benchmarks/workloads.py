@@ -78,22 +78,29 @@ class GeneratorRun:
     wall_s: float  # the whole Generator.run: hashing, journal load, queue, journal compaction
     cpu_s: float  # this process's CPU time over wall_s
     telemetry: list[TelemetrySample]
+    ended_at: float  # time.time() when the run's last answer was in
 
     @property
     def output_tokens_per_s(self) -> float:
         return self.output_tokens / self.duration_s
 
 
-def run_generator(base_url: str, tasks: Sequence[ChunkTask], limiter: ConcurrencyLimit) -> GeneratorRun:
-    """The qa_pipeline way: the real Generator (work queue, validation, journal) on a fresh data folder."""
+def run_generator(
+    base_url: str, tasks: Sequence[ChunkTask], limiter: ConcurrencyLimit, start_at: float | None = None
+) -> GeneratorRun:
+    """The qa_pipeline way: the real Generator (work queue, validation, journal) on a fresh data folder;
+    it starts sending at `start_at` (a time.time() value) when given, once connected."""
 
     async def generate(layout: DataLayout) -> GeneratorRun:
         async with LLMClient(client_config(base_url)) as client:
             await client.resolve_model()
             generator = Generator(client, layout, SETTINGS, limiter, log=lambda line: None, progress_interval_s=3600)
+            if start_at is not None:
+                await asyncio.sleep(max(0.0, start_at - time.time()))
             cpu, wall = time.process_time(), time.monotonic()
             report = await generator.run(tasks)
             cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+            ended_at = time.time()
         # A summary, not the report: Python 3.11's asyncio.run formats its main task's result with repr()
         # when it restores the SIGINT handler, which for thousands of records costs seconds.
         return GeneratorRun(
@@ -104,6 +111,7 @@ def run_generator(base_url: str, tasks: Sequence[ChunkTask], limiter: Concurrenc
             wall_s=wall,
             cpu_s=cpu,
             telemetry=report.telemetry,
+            ended_at=ended_at,
         )
 
     with tempfile.TemporaryDirectory(prefix="qa-bench-") as scratch:
