@@ -224,6 +224,8 @@ def _concurrency(text: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qa_pipeline.embedded_cli import add_embedded_parser
+
     parser = argparse.ArgumentParser(prog="qa-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -339,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulator.add_simulator_arguments(simulate)
     simulate.set_defaults(func=command_simulate)
+    add_embedded_parser(sub)
     return parser
 
 

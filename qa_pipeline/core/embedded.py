@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -221,6 +222,7 @@ class ServerState(BaseModel):
     base_url: str
     model_dir: str
     log_file: str
+    started_at: datetime | None = None  # absent in state files written before it was recorded
 
 
 class EmbeddedServer:
@@ -228,7 +230,8 @@ class EmbeddedServer:
 
     `base_url` includes `/v1` (``http://127.0.0.1:PORT/v1``), as OpenAI clients expect; `/metrics`
     sits beside it at `root_url + "/metrics"`. Use `with`/`async with`, or `start()`/`stop()`.
-    Only the process that started the server stops it; a reused server is left running.
+    Only the process that started the server stops it; a reused server is left running (until
+    `stop_embedded_server`, i.e. `qa-pipeline embedded stop`).
     `progress` receives a line about every 10 s while the server starts (from a worker thread
     when used with `async with`).
     """
@@ -263,7 +266,7 @@ class EmbeddedServer:
     def for_data_dir(cls, layout: DataLayout, progress: Progress = print, **options) -> EmbeddedServer:
         """The embedded server of one data directory, its model prepared there first if needed."""
         model_dir = prepare_model(layout.models_dir, progress)
-        return cls(model_dir, layout.root / STATE_FILE_NAME, layout.logs_dir, progress=progress, **options)
+        return cls(model_dir, _state_file(layout), layout.logs_dir, progress=progress, **options)
 
     @property
     def base_url(self) -> str:
@@ -294,8 +297,7 @@ class EmbeddedServer:
                 f"The embedded model folder {self.model_dir} does not exist; prepare it with prepare_model()."
             )
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        lock = self.state_file.with_name(f".{self.state_file.name}.lock")
-        with _exclusive_lock(lock, "starting the embedded vLLM server", self.start_timeout + 60, self.progress):
+        with _exclusive_lock(_start_lock(self.state_file), "starting the embedded vLLM server", self.start_timeout + 60, self.progress):
             recorded = self._healthy_recorded_server()
             if recorded is not None:
                 self._state = recorded
@@ -337,7 +339,7 @@ class EmbeddedServer:
         recorded = _read_state(self.state_file)
         if recorded is None:
             return None
-        if _pid_alive(recorded.pid) and _serves_model(recorded.base_url, MODEL_NAME):
+        if _is_healthy(recorded):
             return recorded
         if _pid_alive(recorded.pid) and _is_embedded_server_process(recorded.pid, recorded.port):
             # Its starter died and left it hung or half started: nothing else will ever stop it.
@@ -389,6 +391,7 @@ class EmbeddedServer:
             base_url=f"http://127.0.0.1:{port}/v1",
             model_dir=str(self.model_dir),
             log_file=str(self.log_file),
+            started_at=datetime.now(timezone.utc),
         )
         try:
             self._wait_until_ready()
@@ -401,7 +404,8 @@ class EmbeddedServer:
         assert self._process is not None and self._state is not None
         started = time.monotonic()
         next_report = started + 10
-        while not _serves_model(self._state.base_url, MODEL_NAME):
+        root_url = self._state.base_url.removesuffix("/v1")
+        while not _answers_health(root_url):
             code = self._process.poll()
             elapsed = time.monotonic() - started
             if code is not None:
@@ -422,6 +426,11 @@ class EmbeddedServer:
                 self.progress(f"Embedded vLLM server starting: {elapsed:.0f} s elapsed. {last}")
                 next_report += 10
             time.sleep(1)
+        if not _serves_model(self._state.base_url, MODEL_NAME):
+            raise EmbeddedServerError(
+                f"The server answering on {self._state.base_url} does not serve {MODEL_NAME}: another "
+                f"process took port {self._state.port} while the embedded vLLM server started; start again."
+            )
         self.progress(f"Embedded vLLM server ready at {self._state.base_url} after {time.monotonic() - started:.0f} s.")
 
     def _write_state(self) -> None:
@@ -433,10 +442,26 @@ class EmbeddedServer:
 
 def recorded_server(layout: DataLayout) -> ServerState | None:
     """The embedded server recorded for this data directory, if it is running and answers."""
-    state = _read_state(layout.root / STATE_FILE_NAME)
-    if state is not None and _pid_alive(state.pid) and _serves_model(state.base_url, MODEL_NAME):
-        return state
-    return None
+    state = recorded_state(layout)
+    return state if state is not None and _is_healthy(state) else None
+
+
+def recorded_state(layout: DataLayout) -> ServerState | None:
+    """What the state file of this data directory records, whether or not that server still answers."""
+    return _read_state(_state_file(layout))
+
+
+def server_starting(layout: DataLayout) -> bool:
+    """True while another process holds the start lock of this data directory (starting a server)."""
+    lock = _start_lock(_state_file(layout))
+    try:
+        with open(lock) as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
 
 
 def stop_embedded_server(layout: DataLayout, progress: Progress = print) -> bool:
@@ -444,16 +469,15 @@ def stop_embedded_server(layout: DataLayout, progress: Progress = print) -> bool
 
     Returns False if none was running. Waits for a server that is still starting.
     """
-    state_file = layout.root / STATE_FILE_NAME
-    if not state_file.exists():
+    state_file = _state_file(layout)
+    if not state_file.exists() and not server_starting(layout):
         return False
-    lock = state_file.with_name(f".{state_file.name}.lock")
-    with _exclusive_lock(lock, "starting the embedded vLLM server", 900, progress):
+    with _exclusive_lock(_start_lock(state_file), "starting the embedded vLLM server", 900, progress):
         state = _read_state(state_file)
         running = state is not None and _pid_alive(state.pid) and _is_embedded_server_process(state.pid, state.port)
         if running:
             _terminate(state.pid, grace_seconds=30)
-            progress(f"Stopped the embedded vLLM server at {state.base_url} (pid {state.pid}).")
+            progress(f"Stopped the embedded vLLM server ({state.model}) at {state.base_url} (pid {state.pid}).")
         state_file.unlink(missing_ok=True)
     return running
 
@@ -500,12 +524,40 @@ def _read_state(state_file: Path) -> ServerState | None:
         return None
 
 
+def _state_file(layout: DataLayout) -> Path:
+    return layout.root / STATE_FILE_NAME
+
+
+def _start_lock(state_file: Path) -> Path:
+    return state_file.with_name(f".{state_file.name}.lock")
+
+
+def _is_healthy(state: ServerState) -> bool:
+    """The recorded process runs, vLLM's `/health` answers 200, and it is our model behind that port."""
+    return (
+        _pid_alive(state.pid)
+        and _answers_health(state.base_url.removesuffix("/v1"))
+        and _serves_model(state.base_url, MODEL_NAME)
+    )
+
+
+# Loopback only: never route through a proxy configured in the environment.
+_LOOPBACK_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _answers_health(root_url: str) -> bool:
+    """True if the server at root_url answers `GET /health` with 200 (vLLM: the engine is up)."""
+    try:
+        with _LOOPBACK_OPENER.open(f"{root_url}/health", timeout=3) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def _serves_model(base_url: str, model: str) -> bool:
     """True if an OpenAI-compatible server answers `/models` at base_url and lists `model`."""
-    # Loopback only: never route through a proxy configured in the environment.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(f"{base_url}/models", timeout=3) as response:
+        with _LOOPBACK_OPENER.open(f"{base_url}/models", timeout=3) as response:
             listed = json.load(response)
     except (OSError, ValueError):
         return False
