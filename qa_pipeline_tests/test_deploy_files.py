@@ -213,6 +213,16 @@ def test_docker_instance_is_the_one_server_instance_plus_the_docker_run_launcher
     instance_config(DEPLOY / "docker" / "dagster.yaml", tmp_path, monkeypatch)
 
 
+@pytest.mark.parametrize("name", ["dagster.yaml", "docker/dagster.yaml", "dagster-dev.yaml"])
+def test_instances_retry_only_runs_whose_worker_died_not_runs_that_failed_in_their_code(name, tmp_path, monkeypatch):
+    # A document over its failure threshold, a STALLED server or a failed blocking check fails its
+    # step; a retry would fail the same way (qa_pipeline_tests/test_run_retries.py runs the daemon).
+    retries = instance_config(DEPLOY / name, tmp_path, monkeypatch).get("run_retries", {})
+    if retries.get("enabled"):
+        assert retries["retry_on_asset_or_op_failure"] is False
+        assert retries["max_retries"] >= 1
+
+
 # -- compose --------------------------------------------------------------------------------------
 
 
@@ -316,6 +326,12 @@ def test_helm_values_use_the_k8s_launcher_the_queue_and_the_instance_settings_of
     scheme = one_server["storage"]["postgres"]["postgres_db"]["scheme"]
     assert values["postgresql"]["postgresqlScheme"] == scheme
     assert values["telemetry"]["enabled"] is one_server["telemetry"]["enabled"]
+    retries = values["dagsterDaemon"]["runRetries"]
+    assert (retries["enabled"], retries["maxRetries"], retries["retryOnAssetOrOpFailure"]) == (
+        one_server["run_retries"]["enabled"],
+        one_server["run_retries"]["max_retries"],
+        one_server["run_retries"]["retry_on_asset_or_op_failure"],
+    )
     assert f"--version {dagster_version()}" in (DEPLOY / "helm" / "values.yaml").read_text()
 
 
