@@ -54,7 +54,8 @@ def command_start(args: argparse.Namespace) -> int:
     except EmbeddedServerError as error:
         print(f"qa-pipeline embedded start: {error}", file=sys.stderr)
         return 1
-    print(f"embedded vLLM server running at {server.base_url} (pid {server.pid}); stop it with: qa-pipeline embedded stop")
+    print(f"embedded vLLM server running at {server.base_url} (pid {server.pid}).")
+    print("It stays running for later runs and dagster dev; stop it with: qa-pipeline embedded stop")
     return 0
 
 

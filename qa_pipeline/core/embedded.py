@@ -297,7 +297,8 @@ class EmbeddedServer:
                 f"The embedded model folder {self.model_dir} does not exist; prepare it with prepare_model()."
             )
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive_lock(_start_lock(self.state_file), "starting the embedded vLLM server", self.start_timeout + 60, self.progress):
+        lock = _start_lock(self.state_file)
+        with _exclusive_lock(lock, "starting the embedded vLLM server", self.start_timeout + 60, self.progress):
             recorded = self._healthy_recorded_server()
             if recorded is not None:
                 self._state = recorded
