@@ -55,6 +55,16 @@ class DataLayout:
         return self.root / "journal" / f"{safe_file_stem(document)}.jsonl"
 
     @property
+    def sources_registry_file(self) -> Path:
+        """Which sources folder the dataset's documents were registered from (see core/registry.py)."""
+        return self.root / "sources-registry.json"
+
+    @property
+    def trash_dir(self) -> Path:
+        """Outputs and journals of deleted documents, one folder per deletion, restorable by moving back."""
+        return self.root / "trash"
+
+    @property
     def test_sample_file(self) -> Path:
         return self.outputs_dir / "test_sample.parquet"
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
@@ -319,11 +320,35 @@ class Storage:
         path = self.layout.partition_file(table, document)
         return pl.read_parquet(path) if path.exists() else None
 
-    def delete_partition(self, document: str) -> None:
-        """Remove every output and the journal of a document that no longer exists."""
-        for table in PARTITIONED_TABLES:
-            self.layout.partition_file(table, document).unlink(missing_ok=True)
-        self.layout.journal_file(document).unlink(missing_ok=True)
+    def delete_partition(self, document: str, trash: Path | None = None) -> Path | None:
+        """Moves every output and the journal of a document into a trash folder (`trash`, else a new one).
+
+        Its rows leave the views at once, but the journal holds paid responses: moving the folder's
+        contents back into the data directory restores them. Returns the trash folder, or None when
+        the document had no file.
+        """
+        files = [self.layout.partition_file(table, document) for table in PARTITIONED_TABLES]
+        files = [path for path in (*files, self.layout.journal_file(document)) if path.exists()]
+        if not files:
+            return None
+        trash = trash or self.new_trash_folder()
+        for path in files:
+            target = trash / path.relative_to(self.layout.root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, target)
+        return trash
+
+    def new_trash_folder(self) -> Path:
+        """An empty folder `trash/<UTC time>` for one deletion, never shared with an earlier one."""
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
+        folder, attempt = self.layout.trash_dir / stamp, 0
+        while True:
+            try:
+                folder.mkdir(parents=True)
+                return folder
+            except FileExistsError:
+                attempt += 1
+                folder = self.layout.trash_dir / f"{stamp}-{attempt}"
 
     def partition_files(self, table: str) -> list[Path]:
         directory = self.layout.table_dir(table)

@@ -2,15 +2,20 @@
 lose theirs, and the report follows. The folder→partitions sync shared with `qa-pipeline run` is here too.
 """
 
+import dataclasses
+import fnmatch
 import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 
 from qa_pipeline.core.documents import SourceChanges, compare_sources, discover_documents
 from qa_pipeline.core.layout import DataLayout
+from qa_pipeline.core.registry import plan_deletions, record_added, record_deleted
 from qa_pipeline.core.storage import Storage
 from qa_pipeline.defs.assets import chunks, qa_pairs, quality_report, source_documents
 from qa_pipeline.defs.partitions import documents
@@ -49,37 +54,87 @@ def source_changes(
     return compare_sources(present, partitions, {**_recorded_hashes(instance, unknown, present), **acted_on})
 
 
-def sync_document_partitions(instance: dg.DagsterInstance, layout: DataLayout) -> SourceChanges:
-    """Adds a partition per new document and removes each deleted one with its outputs (the CLI's sync)."""
+@dataclass(frozen=True)
+class SyncResult:
+    """What a sync did: partitions added, documents moved to the trash, documents kept, and why."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]  # their outputs and journals are in `trash`
+    kept: tuple[str, ...]  # not in the sources folder, but not deleted: see `notice`
+    trash: Path | None = None
+    notice: str | None = None
+
+    @property
+    def messages(self) -> list[str]:
+        """Lines for the user: counts, where deleted documents went, why others were kept."""
+        lines = []
+        if self.added or self.removed:
+            lines.append(f"documents: {len(self.added)} new, {len(self.removed)} removed")
+        if self.trash is not None:
+            lines.append(f"their outputs and journals were moved to {self.trash} (move them back to restore)")
+        if self.notice:
+            lines.append(self.notice)
+        return lines
+
+
+def sync_document_partitions(
+    instance: dg.DagsterInstance, layout: DataLayout, *, deletions_allowed: bool = True
+) -> SyncResult:
+    """The CLI's sync: adds a partition per new document; removes the partition of a document gone from
+    the folder it was registered from, moving its outputs to the trash, when `deletions_allowed` and the
+    folder is not empty. Documents missing from another or an empty folder are kept (`SyncResult.notice`).
+    """
     changes = source_changes(instance, layout)
-    apply_partition_changes(instance, layout, changes)
-    return changes
+    plan = plan_deletions(layout, changes.removed, len(changes.hashes), deletions_allowed=deletions_allowed)
+    trash = apply_partition_changes(instance, layout, dataclasses.replace(changes, removed=plan.deleted))
+    return SyncResult(changes.added, plan.deleted, plan.kept, trash, plan.notice)
 
 
-def apply_partition_changes(instance: dg.DagsterInstance, layout: DataLayout, changes: SourceChanges) -> None:
+def apply_partition_changes(instance: dg.DagsterInstance, layout: DataLayout, changes: SourceChanges) -> Path | None:
+    """Adds and removes partitions as `changes` says (the caller has checked the removals); the trash
+    folder the removed documents' files went to, if any."""
     if changes.added:
         instance.add_dynamic_partitions(documents.name, list(changes.added))
+        record_added(layout, changes.added)
     for key in changes.removed:
         instance.delete_dynamic_partition(documents.name, key)
-    delete_outputs(layout, changes.removed)
+    return delete_outputs(layout, changes.removed)
 
 
-def delete_outputs(layout: DataLayout, keys: Sequence[str]) -> None:
-    """Parquet files and journal of deleted documents, so their rows leave the DuckDB views."""
-    storage = Storage(layout)
+def delete_outputs(layout: DataLayout, keys: Sequence[str]) -> Path | None:
+    """Moves the Parquet files and journal of deleted documents into one trash folder, so their rows
+    leave the DuckDB views and their paid responses can be restored; that folder, if anything moved."""
+    storage, trash = Storage(layout), None
     for key in keys:
-        storage.delete_partition(key)
+        trash = storage.delete_partition(key, trash) or trash
+    record_deleted(layout, keys)
+    if trash is not None:
+        dg.get_dagster_logger().info(f"moved the outputs and journals of {len(keys)} documents to {trash}")
+    return trash
+
+
+def forget_documents(instance: dg.DagsterInstance, layout: DataLayout, patterns: Sequence[str]) -> SyncResult:
+    """Deliberately deletes the documents whose keys match a glob, wherever they came from: partitions
+    removed, outputs and journals moved to the trash. A document still in its folder is added back by the
+    next sync."""
+    keys = tuple(
+        key
+        for key in sorted(instance.get_dynamic_partitions(documents.name))
+        if any(fnmatch.fnmatch(key, pattern) for pattern in patterns)
+    )
+    trash = apply_partition_changes(instance, layout, SourceChanges(added=(), changed=(), removed=keys, hashes={}))
+    return SyncResult(added=(), removed=keys, kept=(), trash=trash)
 
 
 def refusal_to_empty(changes: SourceChanges, layout: DataLayout) -> str | None:
-    """Why an unattended tick must not delete every document's outputs at once, or None."""
-    if changes.removed and not changes.hashes:
-        return (
-            f"the sources folder {layout.sources_dir} is empty but {len(changes.removed)} documents have "
-            "outputs: not deleting them automatically (an unmounted or emptied folder would erase the "
-            "dataset). If every document was really removed, run `qa-pipeline run` once to delete them."
-        )
-    return None
+    """Why an unattended tick must not delete the documents missing from the folder, or None.
+
+    It refuses an empty folder (unmounted or emptied, it would erase the dataset), a folder other than
+    the one the missing documents were registered from, and a dataset with no recorded folder; the
+    first tick that sees documents and none missing records the folder.
+    """
+    plan = plan_deletions(layout, changes.removed, len(changes.hashes))
+    return plan.notice if plan.kept else None
 
 
 def regeneration_requests(changes: SourceChanges, run_keys: bool = False) -> list[dg.RunRequest]:
