@@ -3,35 +3,40 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-from qa_pipeline.core.client import DEFAULT_REQUEST_TIMEOUT_S, REQUEST_TIMEOUT_ENV, seconds_from_env
-from qa_pipeline.core.generation import DEFAULT_STALL_TIMEOUT_S, STALL_TIMEOUT_ENV
+from qa_pipeline.core import settings as defaults
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.progress import format_duration
+from qa_pipeline.core.settings import LLMSettings, SettingsError, StorageSettings, use_dagster_home
 from qa_pipeline.core.storage import Storage
 
-DAGSTER_HOME_ENV = "DAGSTER_HOME"
 RESUME_HINT = "Finished chunks are saved; run the same command again to resume where it stopped."
 
 
-def _dagster_home(layout: DataLayout) -> Path:
-    """Runs are recorded in a persistent instance so `dagster dev` shows them afterwards."""
-    home = Path(os.environ.get(DAGSTER_HOME_ENV) or layout.root / "dagster_home").absolute()
-    home.mkdir(parents=True, exist_ok=True)
-    os.environ[DAGSTER_HOME_ENV] = str(home)
-    return home
+class _Signals:
+    """SIGTERM (kill, docker stop, systemd) stops as gently as Ctrl-C, in any step; remembered so that
+    the command ends with the interrupted status even when a step finished after the signal."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or signum
+        signal.default_int_handler(signum, frame)
 
 
 def command_run(args: argparse.Namespace) -> int:
     from qa_pipeline.pipeline import PipelineOptions, run_pipeline
 
-    layout = DataLayout.from_env(args.data_dir, args.sources_dir)
-    _dagster_home(layout)
+    storage_settings = StorageSettings.load(data_dir=args.data_dir, sources_dir=args.sources_dir)
+    layout = DataLayout.from_settings(storage_settings)
+    use_dagster_home(storage_settings, layout.root)
     options = PipelineOptions(
         documents=args.documents,
         limit=args.limit,
@@ -49,26 +54,33 @@ def command_run(args: argparse.Namespace) -> int:
         failure_threshold=args.failure_threshold,
     )
     started = time.monotonic()
-    # SIGTERM (kill, docker stop, systemd) stops as gently as Ctrl-C: requests in flight finish first.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signals = _Signals()
     try:
         outcome = run_pipeline(layout, options, log=lambda line: print(line, flush=True))
     except KeyboardInterrupt:
         print(f"qa-pipeline run: stopped by a signal. {RESUME_HINT}", file=sys.stderr)
         return 130
+    except SettingsError as error:
+        print(f"qa-pipeline run: {error}", file=sys.stderr)
+        return 2
+    if outcome.stopped == "interrupted" or signals.received:
+        for document, reason in outcome.failed.items():
+            print(f"  FAILED {document}: {reason}", file=sys.stderr)
+        print(f"qa-pipeline run: stopped by a signal. {RESUME_HINT}", file=sys.stderr)
+        return 130
     if outcome.stopped:
         for document, reason in outcome.failed.items():
             print(f"  FAILED {document}: {reason}", file=sys.stderr)
-        if outcome.stopped == "interrupted":
-            print(f"qa-pipeline run: stopped by a signal. {RESUME_HINT}", file=sys.stderr)
-            return 130
-        print(
-            f"qa-pipeline run: STALLED: the LLM server made no progress for {args.stall_timeout:g} s, "
-            f"so no further document was started. Check the server. {RESUME_HINT}",
-            file=sys.stderr,
-        )
+        if outcome.stopped == "stalled":
+            stall = options.stall_timeout_s or LLMSettings.load().stall_timeout_s
+            print(
+                f"qa-pipeline run: STALLED: the LLM server made no progress for {stall:g} s, "
+                f"so no further document was started. Check the server. {RESUME_HINT}",
+                file=sys.stderr,
+            )
         return 1
     print(outcome.report_markdown)
+    _print_checks(outcome.checks)
     print(
         f"qa-pipeline run: {len(outcome.succeeded)} documents done, {len(outcome.failed)} failed, "
         f"in {format_duration(time.monotonic() - started)}"
@@ -76,7 +88,26 @@ def command_run(args: argparse.Namespace) -> int:
     for document, reason in outcome.failed.items():
         print(f"  FAILED {document}: {reason}", file=sys.stderr)
     print('Query the outputs: qa-pipeline sql "SELECT * FROM qa_pairs LIMIT 5"')
+    if outcome.runs:
+        print(f"Dagster runs: {', '.join(run[:8] for run in outcome.runs)} (see them with `dagster dev`)")
     return 1 if outcome.failed else 0
+
+
+def _print_checks(verdicts) -> None:
+    """One line per check: how many documents passed, and which failed (a failing check is shown, not hidden)."""
+    if not verdicts:
+        return
+    print("Checks (one verdict per document):")
+    by_check: dict[str, list] = {}
+    for verdict in verdicts:
+        by_check.setdefault(verdict.check, []).append(verdict)
+    for check, items in by_check.items():
+        failed = sorted(v.document for v in items if not v.passed)
+        line = f"  {check}: {len(items) - len(failed)}/{len(items)} documents passed"
+        if failed:
+            line += f"; FAILED: {', '.join(failed[:8])}{', ...' if len(failed) > 8 else ''}"
+            line += f" ({next(v.description for v in items if not v.passed)})"
+        print(line)
 
 
 def command_sql(args: argparse.Namespace) -> int:
@@ -150,13 +181,10 @@ def command_export_batch(args: argparse.Namespace) -> int:
     from qa_pipeline.core.batch import export_batch_requests
     from qa_pipeline.core.generation import GenerationSettings
 
-    model = args.model
+    model = args.model or LLMSettings.load().llm_model
     if not model:
-        from qa_pipeline.defs.resources import MODEL_ENV  # imports Dagster: only when needed
-
-        model = os.environ.get(MODEL_ENV)
-    if not model:
-        print(f"qa-pipeline export-batch: name the model the batch runs with (--model or {MODEL_ENV})", file=sys.stderr)
+        variable = LLMSettings.variable("llm_model")
+        print(f"qa-pipeline export-batch: name the model the batch runs with (--model or {variable})", file=sys.stderr)
         return 2
     storage = Storage(DataLayout.from_env(args.data_dir))
     documents = None
@@ -204,11 +232,21 @@ def command_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _env_float(name: str, default: float) -> float:
+def _checked(kind, text: str, what: str):
+    from pydantic import TypeAdapter, ValidationError
+
     try:
-        return seconds_from_env(name, default)
-    except ValueError as error:
-        raise SystemExit(f"qa-pipeline: {error}") from None
+        return TypeAdapter(kind).validate_python(text)
+    except ValidationError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def _seconds(text: str) -> float:
+    return _checked(defaults.Seconds, text, "a number of seconds > 0")
+
+
+def _fraction(text: str) -> float:
+    return _checked(defaults.Fraction, text, "a fraction from 0 to 1")
 
 
 def _concurrency(text: str) -> int | str:
@@ -224,6 +262,7 @@ def _concurrency(text: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qa_pipeline.documents_cli import add_documents_parser
     from qa_pipeline.embedded_cli import add_embedded_parser
 
     parser = argparse.ArgumentParser(prog="qa-pipeline", description=__doc__)
@@ -242,8 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the benchmark's recommendation)",
     )
     run.add_argument("--levels", help="concurrency levels to benchmark, e.g. 1,4,8,16,32,64")
-    run.add_argument("--sample-size", type=int, default=100, help="chunks in the stratified test sample")
-    run.add_argument("--max-tokens", type=int, default=1024, help="max_tokens per generation request")
+    run.add_argument(
+        "--sample-size", type=int, default=defaults.DEFAULT_SAMPLE_SIZE, help="chunks in the stratified test sample"
+    )
+    run.add_argument(
+        "--max-tokens", type=int, default=defaults.DEFAULT_MAX_TOKENS, help="max_tokens per generation request"
+    )
     run.add_argument(
         "--question-types",
         help="comma-separated question types to ask for per chunk (default: factual,conceptual,comparison)",
@@ -260,24 +303,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--request-timeout",
-        type=float,
-        default=_env_float(REQUEST_TIMEOUT_ENV, DEFAULT_REQUEST_TIMEOUT_S),
+        type=_seconds,
         metavar="SECONDS",
-        help=f"give up on one request after this long, then retry it (default: ${REQUEST_TIMEOUT_ENV} or 300)",
+        help="give up on one request after this long, then retry it "
+        f"(default: ${LLMSettings.variable('request_timeout_s')} or {defaults.DEFAULT_REQUEST_TIMEOUT_S:g})",
     )
     run.add_argument(
         "--stall-timeout",
-        type=float,
-        default=_env_float(STALL_TIMEOUT_ENV, DEFAULT_STALL_TIMEOUT_S),
+        type=_seconds,
         metavar="SECONDS",
-        help=f"fail the run when no chunk finishes for this long (default: ${STALL_TIMEOUT_ENV} or 900)",
+        help="fail the run when no chunk finishes for this long "
+        f"(default: ${LLMSettings.variable('stall_timeout_s')} or {defaults.DEFAULT_STALL_TIMEOUT_S:g})",
     )
     run.add_argument(
         "--failure-threshold",
-        type=float,
-        default=0.05,
+        type=_fraction,
+        default=defaults.DEFAULT_FAILURE_THRESHOLD,
         metavar="FRACTION",
-        help="a document fails when more than this share of its chunks fail (default: 0.05)",
+        help="a document fails when more than this share of its chunks fail, from 0 to 1 "
+        f"(default: {defaults.DEFAULT_FAILURE_THRESHOLD})",
     )
     run.set_defaults(func=command_run)
 
@@ -324,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_batch.add_argument("file")
     export_batch.add_argument("--data-dir")
     export_batch.add_argument("--model", help="served model name (default: $QA_PIPELINE_LLM_MODEL)")
-    export_batch.add_argument("--max-tokens", type=int, default=1024)
+    export_batch.add_argument("--max-tokens", type=int, default=defaults.DEFAULT_MAX_TOKENS)
     export_batch.add_argument("--temperature", type=float, default=0.0)
     export_batch.add_argument("--question-types", help="comma-separated (default: factual,conceptual,comparison)")
     export_batch.add_argument("--documents", nargs="*", metavar="GLOB", help="only documents matching these patterns")
@@ -342,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulator.add_simulator_arguments(simulate)
     simulate.set_defaults(func=command_simulate)
     add_embedded_parser(sub)
+    add_documents_parser(sub)
     return parser
 
 

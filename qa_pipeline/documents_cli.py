@@ -5,14 +5,13 @@ and to delete documents from it (a run never deletes documents missing from anot
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 import dagster as dg
 
 from qa_pipeline.core.documents import DocumentError, discover_documents
 from qa_pipeline.core.layout import DataLayout
+from qa_pipeline.core.settings import StorageSettings, use_dagster_home
 from qa_pipeline.core.registry import adopt_sources_folder, name_list, same_folder
 
 
@@ -70,9 +69,7 @@ def command_forget(args: argparse.Namespace) -> int:
 
 def _instance(layout: DataLayout) -> dg.DagsterInstance:
     """The instance `qa-pipeline run` records to: $DAGSTER_HOME, else DATA_DIR/dagster_home."""
-    home = Path(os.environ.get("DAGSTER_HOME") or layout.root / "dagster_home").absolute()
-    home.mkdir(parents=True, exist_ok=True)
-    os.environ["DAGSTER_HOME"] = str(home)
+    use_dagster_home(StorageSettings.load(), layout.root)
     return dg.DagsterInstance.get()
 
 

@@ -1,40 +1,42 @@
-"""`qa-pipeline run`: materializes the asset graph on the persistent Dagster instance, document by document."""
+"""`qa-pipeline run`: launches the project's own definitions on the persistent instance, many documents per run.
+
+The same assets, checks, resources and documents-per-run policy as a backfill from the UI: a run
+covers up to QA_PIPELINE_DOCUMENTS_PER_RUN documents (in the order the partitions were added) and
+their chunks share one work queue. Chunking is a run of its own first, so a file that cannot be
+read fails alone before generation starts for the others.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
-import os
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import dagster as dg
-from dagster._core.execution.plan.objects import ErrorSource  # no public name; tells an interrupt from a failure
 
+from qa_pipeline.core import settings as defaults
 from qa_pipeline.core.documents import discover_documents
-from qa_pipeline.core.generation import StalledError
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.report import build_report
+from qa_pipeline.core.run_ranges import partition_ranges
+from qa_pipeline.core.settings import LLMSettings, RunSettings
 from qa_pipeline.core.storage import Storage
-from qa_pipeline.defs import assets
 from qa_pipeline.defs.partitions import documents as documents_partitions
-from qa_pipeline.defs.resources import BASE_URL_ENV, LLMResource, StorageResource
-from qa_pipeline.defs.sensors import sync_document_partitions
+from qa_pipeline.defs.resources import LLMResource, StorageResource
+from qa_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG
+from qa_pipeline.defs.sensors import LAUNCHED_BY_TAG, sync_document_partitions
 
-ALL_ASSETS = [
-    assets.source_documents,
-    assets.chunks,
-    assets.test_sample,
-    assets.concurrency_benchmark,
-    assets.qa_pairs,
-    assets.quality_report,
-]
+CHUNKS, TEST_SAMPLE, BENCHMARK = dg.AssetKey("chunks"), dg.AssetKey("test_sample"), dg.AssetKey("concurrency_benchmark")
+QA_PAIRS, REPORT = dg.AssetKey("qa_pairs"), dg.AssetKey("quality_report")
 
 # A CPU-served 135M model saturates early; a full sweep up to 64 would take most of the demo,
 # and each level stops sending after a minute (requests in flight still finish).
 EMBEDDED_LEVELS = [1, 4, 8]
 EMBEDDED_SECONDS_PER_LEVEL = 60.0
+
+# Error classes (by name: they cross Dagster's error serialization) that end the command early.
+_INTERRUPTS = {"GenerationInterrupted", "KeyboardInterrupt", "DagsterExecutionInterruptedError"}
+_STALLS = {"StalledError"}
 
 
 @dataclass
@@ -44,103 +46,96 @@ class PipelineOptions:
     concurrency: int | str | None = None  # a level, or "auto"
     levels: list[int] | None = None
     max_seconds_per_level: float | None = None
-    sample_size: int = 100
-    max_tokens: int = 1024
+    sample_size: int = defaults.DEFAULT_SAMPLE_SIZE
+    max_tokens: int = defaults.DEFAULT_MAX_TOKENS
     question_types: list[str] | None = None
     skip_benchmark: bool = False
     chunks_only: bool = False
     failed_only: bool = False
     force_regenerate: bool = False
-    request_timeout_s: float = 300.0
-    stall_timeout_s: float = 900.0
-    failure_threshold: float = 0.05
+    request_timeout_s: float | None = None  # None: QA_PIPELINE_REQUEST_TIMEOUT_S
+    stall_timeout_s: float | None = None  # None: QA_PIPELINE_STALL_TIMEOUT_S
+    failure_threshold: float = defaults.DEFAULT_FAILURE_THRESHOLD
+
+
+@dataclass
+class CheckVerdict:
+    document: str
+    check: str
+    passed: bool
+    description: str
 
 
 @dataclass
 class PipelineOutcome:
     succeeded: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    checks: list[CheckVerdict] = field(default_factory=list)
     report_markdown: str = ""
-    # Why the run ended before every document was tried: "interrupted" (a signal) or "stalled" (the server).
+    runs: list[str] = field(default_factory=list)  # Dagster run ids, for the UI
+    # Why the command ended before every document was tried: "interrupted" (a signal) or "stalled" (the server).
     stopped: str | None = None
 
 
 def failed_documents(instance: dg.DagsterInstance, keys: list[str]) -> set[str]:
     """Documents whose last `chunks` or `qa_pairs` materialization failed (or was stopped)."""
     failed: set[str] = set()
-    for asset in (assets.chunks, assets.qa_pairs):
-        statuses = instance.get_status_by_partition(asset.key, keys, documents_partitions) or {}
+    for asset in (CHUNKS, QA_PAIRS):
+        statuses = instance.get_status_by_partition(asset, keys, documents_partitions) or {}
         failed |= {key for key, status in statuses.items() if status == dg.AssetPartitionStatus.FAILED}
     return failed
 
 
-def _run_config(options: PipelineOptions) -> dict:
-    generation: dict = {"max_tokens": options.max_tokens}
-    if options.question_types:
-        generation["question_types"] = options.question_types
-    benchmark = dict(generation)
-    if options.levels:
-        benchmark["levels"] = options.levels
-    if options.max_seconds_per_level:
-        benchmark["max_seconds_per_level"] = options.max_seconds_per_level
-    qa = dict(
-        generation,
-        force_regenerate=options.force_regenerate,
-        stall_timeout_s=options.stall_timeout_s,
-        failure_threshold=options.failure_threshold,
-    )
-    if options.concurrency == "auto":
-        qa["adaptive_concurrency"] = True
-    elif options.concurrency:
-        qa["concurrency"] = options.concurrency
-    return {
-        "ops": {
-            "test_sample": {"config": {"size": options.sample_size}},
-            "concurrency_benchmark": {"config": benchmark},
-            "qa_pairs": {"config": qa},
-        },
-        "loggers": {"console": {"config": {"log_level": "INFO"}}},
-    }
+def load_definitions() -> dg.Definitions:
+    """The project's definitions, exactly as `dagster dev` and `dg` load them."""
+    from qa_pipeline.definitions import defs
+
+    return defs()
 
 
-def _failure_message(result: dg.ExecuteInProcessResult) -> str:
-    for event in result.all_events:
-        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
-            error = event.step_failure_data.error
-            user = error.cause or error
-            if not user.message:
-                return error.message
-            text = user.message.strip().splitlines()[-1]
-            # "dagster._core.definitions.events.Failure: <what happened>": the user needs what happened.
-            qualified_name, separator, rest = text.partition(": ")
-            return rest if separator and qualified_name.rsplit(".", 1)[-1] == user.cls_name else text
-    return "the run failed (see the Dagster logs)"
+class Launcher:
+    """Runs asset selections of the project's definitions in this process, on the persistent instance."""
 
+    def __init__(self, instance: dg.DagsterInstance, resources: dict, ops: dict, log: Callable[[str], None]):
+        self.instance = instance
+        self.job = load_definitions().resolve_implicit_global_asset_job_def()
+        self.resources = resources
+        self.ops = ops
+        self.log = log
+        self.run_ids: list[str] = []
 
-def _stop_reason(result: dg.ExecuteInProcessResult) -> str | None:
-    """"interrupted" when a signal ended the run, "stalled" when the server stopped making progress:
-    either way the next documents must not start."""
-    for event in result.all_events:
-        data = event.step_failure_data if event.is_step_failure else None
-        if data is None:
-            continue
-        if data.error_source == ErrorSource.INTERRUPT:
-            return "interrupted"
-        error = data.error
-        while error is not None:
-            if error.cls_name == StalledError.__name__:
-                return "stalled"
-            error = error.cause
-    return None
+    def launch(self, assets: Sequence[dg.AssetKey], keys: Sequence[str] | None = None) -> dg.ExecuteInProcessResult:
+        tags = {LAUNCHED_BY_TAG: "cli"}
+        if keys:
+            tags.update({RANGE_START_TAG: keys[0], RANGE_END_TAG: keys[-1]})
+        selected = {key.to_user_string() for key in assets}
+        result = self.job.execute_in_process(
+            instance=self.instance,
+            asset_selection=list(assets),
+            tags=tags,
+            run_config={
+                "resources": self.resources,
+                "ops": {name: config for name, config in self.ops.items() if name in selected},
+                "loggers": {"console": {"config": {"log_level": "INFO"}}},
+            },
+            raise_on_error=False,
+        )
+        self.run_ids.append(result.run_id)
+        return result
+
+    def events(self, result: dg.ExecuteInProcessResult, of_type: dg.DagsterEventType) -> list[dg.DagsterEvent]:
+        """The run's events of one type as the instance recorded them (also those of a step that failed)."""
+        records = self.instance.get_records_for_run(result.run_id, of_type=of_type).records
+        return [record.event_log_entry.dagster_event for record in records if record.event_log_entry.dagster_event]
 
 
 def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[str], None]) -> PipelineOutcome:
     instance = dg.DagsterInstance.get()
-    changes = sync_document_partitions(instance, layout)
-    if changes.added or changes.removed:
-        log(f"documents: {len(changes.added)} new, {len(changes.removed)} removed")
-    keys = [s.key for s in discover_documents(layout.sources_dir)]
-    selected = [k for k in keys if not options.documents or any(fnmatch.fnmatch(k, p) for p in options.documents)]
+    sync = sync_document_partitions(instance, layout, deletions_allowed=not options.chunks_only)
+    for line in sync.messages:
+        log(line)
+    present = [s.key for s in discover_documents(layout.sources_dir)]
+    selected = [k for k in present if not options.documents or any(fnmatch.fnmatch(k, p) for p in options.documents)]
     if options.failed_only:
         failed = failed_documents(instance, selected)
         selected = [key for key in selected if key in failed]
@@ -152,77 +147,158 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
         raise SystemExit(f"qa-pipeline run: no documents to process in {layout.sources_dir}")
     log(f"qa-pipeline run: {len(selected)} documents from {layout.sources_dir}")
 
-    embedded = not os.environ.get(BASE_URL_ENV)
-    if embedded:
-        options = dataclasses.replace(
-            options,
-            levels=options.levels or EMBEDDED_LEVELS,
-            max_seconds_per_level=options.max_seconds_per_level or EMBEDDED_SECONDS_PER_LEVEL,
-        )
-    outcome = PipelineOutcome()
-    resources = {
-        "llm": LLMResource(data_dir=str(layout.root), request_timeout_s=options.request_timeout_s),
-        "storage": StorageResource(data_dir=str(layout.root), sources_dir=str(layout.sources_dir)),
-    }
-    run_config = _run_config(options)
+    llm_settings = LLMSettings.load(
+        flags={"request_timeout_s": "--request-timeout", "stall_timeout_s": "--stall-timeout"},
+        request_timeout_s=options.request_timeout_s,
+        stall_timeout_s=options.stall_timeout_s,
+    )
+    per_run = RunSettings.load().documents_per_run
+    order = instance.get_dynamic_partitions(documents_partitions.name)
+    runs_of = lambda keys: partition_ranges(keys, order, None if per_run == "all" else per_run)  # noqa: E731
+    launcher = Launcher(instance, _resources_config(layout, llm_settings), _ops_config(options, llm_settings), log)
+    outcome = PipelineOutcome(runs=launcher.run_ids)
 
-    def materialize(selection: list, partition_key: str | None = None) -> dg.ExecuteInProcessResult:
-        return dg.materialize(
-            ALL_ASSETS,
-            selection=selection,
-            partition_key=partition_key,
-            instance=instance,
-            resources=resources,
-            run_config={**run_config, "ops": {k: v for k, v in run_config["ops"].items() if _selected(k, selection)}},
-            raise_on_error=False,
-            tags={"qa_pipeline/launched_by": "cli"},
-        )
+    chunked = _run_documents(launcher, [CHUNKS], runs_of(selected), outcome, log)
+    if outcome.stopped or not chunked or options.chunks_only:
+        outcome.succeeded = chunked
+        return outcome
 
-    def per_document(asset: dg.AssetsDefinition, keys: list[str]) -> list[str]:
-        """One run per document; the documents that succeeded. Stops early on an interrupt or a stall."""
-        done = []
-        for index, key in enumerate(keys, start=1):
-            result = materialize([asset], key)
-            if result.success:
-                done.append(key)
-            else:
-                outcome.failed[key] = _failure_message(result)
-                outcome.stopped = _stop_reason(result)
-                if outcome.stopped:
-                    break
-            log(f"{asset.key.to_user_string()}: {index}/{len(keys)} documents ({len(outcome.failed)} failed)")
-        return done
-
-    with ExitStack() as stack:
-        chunked = per_document(assets.chunks, selected)
-        if outcome.stopped or not chunked:
-            return outcome
-        if options.chunks_only:
-            outcome.succeeded = chunked
-            return outcome
-
-        # Started once chunking is done: that needs no LLM, and a run that only chunks starts none.
-        if embedded:
-            from qa_pipeline.core.embedded import EmbeddedServer
-
-            log("no QA_PIPELINE_LLM_BASE_URL set: using the embedded vLLM server (SmolLM2-135M on CPU)")
-            stack.enter_context(EmbeddedServer.for_data_dir(layout, progress=log))
-
+    embedded_was_running = llm_settings.embedded and _embedded_running(layout)
+    try:
         if not options.skip_benchmark:
-            result = materialize([assets.test_sample, assets.concurrency_benchmark])
+            result = launcher.launch([TEST_SAMPLE, BENCHMARK])
             if not result.success:
-                outcome.failed["concurrency_benchmark"] = _failure_message(result)
-                outcome.stopped = _stop_reason(result)
+                outcome.failed["concurrency_benchmark"] = _failure_messages(result).get("", "the benchmark failed")
+                outcome.stopped = _stop_reason(result) or "benchmark"
                 return outcome
+        outcome.succeeded = _run_documents(launcher, [QA_PAIRS], runs_of(chunked), outcome, log, last_extra=[REPORT])
+    finally:
+        if llm_settings.embedded and not embedded_was_running:
+            from qa_pipeline.core.embedded import stop_embedded_server
 
-        outcome.succeeded = per_document(assets.qa_pairs, chunked)
-        if outcome.stopped:
-            return outcome
-
-        materialize([assets.quality_report])
+            # This command started it (through the `llm` resource): it stops it too.
+            stop_embedded_server(layout, progress=log)
     outcome.report_markdown = build_report(Storage(layout)).markdown()
     return outcome
 
 
-def _selected(op_name: str, selection: list) -> bool:
-    return any(a.key.to_user_string() == op_name for a in selection)
+def _run_documents(
+    launcher: Launcher,
+    assets: list[dg.AssetKey],
+    runs: list[list[str]],
+    outcome: PipelineOutcome,
+    log: Callable[[str], None],
+    last_extra: list[dg.AssetKey] | None = None,
+) -> list[str]:
+    """One run per range of documents; the documents that succeeded. Stops early on an interrupt or a stall."""
+    done: list[str] = []
+    name = assets[0].to_user_string()
+    total = sum(len(keys) for keys in runs)
+    for index, keys in enumerate(runs):
+        extra = last_extra if last_extra and index == len(runs) - 1 else []
+        result = launcher.launch([*assets, *extra], keys)
+        materialized = {
+            event.partition
+            for event in launcher.events(result, dg.DagsterEventType.ASSET_MATERIALIZATION)
+            if event.asset_key == assets[0]
+        }
+        reasons = _failure_messages(result)
+        for key in keys:
+            if key in materialized:
+                done.append(key)
+            else:
+                outcome.failed[key] = reasons.get(key) or reasons.get("") or "the run failed (see the Dagster UI)"
+        outcome.checks.extend(
+            CheckVerdict(e.partition or "", e.check_name, e.passed, e.description or "")
+            for e in (
+                event.event_specific_data
+                for event in launcher.events(result, dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+            )
+        )
+        failed_here = sum(key not in materialized for key in keys)
+        log(f"{name}: {len(done)}/{total} documents done, {failed_here} failed in run {result.run_id[:8]}")
+        outcome.stopped = _stop_reason(result)
+        if outcome.stopped:
+            break
+    return done
+
+
+def _failure_messages(result: dg.ExecuteInProcessResult) -> dict[str, str]:
+    """Why documents failed, by document ("" for a failure that names none), from the run's step failures."""
+    messages: dict[str, str] = {}
+    for event in result.all_events:
+        if not event.is_step_failure or event.step_failure_data is None:
+            continue
+        data = event.step_failure_data
+        user = data.user_failure_data
+        if user is not None:
+            by_document = user.metadata.get("failed_documents")
+            if by_document is not None:
+                messages.update(by_document.value)
+            messages.setdefault("", user.description or "")
+            continue
+        error = data.error
+        cause = (error.cause or error) if error else None
+        if cause is not None and cause.message:
+            text = cause.message.strip().splitlines()[-1]
+            # "qualified.Name: what happened": the user needs what happened.
+            qualified_name, separator, rest = text.partition(": ")
+            messages.setdefault("", rest if separator and qualified_name.rsplit(".", 1)[-1] == cause.cls_name else text)
+    return messages
+
+
+def _stop_reason(result: dg.ExecuteInProcessResult) -> str | None:
+    """"interrupted" when a signal ended the run, "stalled" when the server stopped making progress:
+    either way no further run starts."""
+    for event in result.all_events:
+        if not event.is_step_failure or event.step_failure_data is None:
+            continue
+        error = event.step_failure_data.error
+        while error is not None:
+            if error.cls_name in _INTERRUPTS:
+                return "interrupted"
+            if error.cls_name in _STALLS:
+                return "stalled"
+            error = error.cause
+    if result.dagster_run.status == dg.DagsterRunStatus.CANCELED:
+        return "interrupted"
+    return None
+
+
+def _embedded_running(layout: DataLayout) -> bool:
+    from qa_pipeline.core.embedded import recorded_server
+
+    return recorded_server(layout) is not None
+
+
+def _resources_config(layout: DataLayout, llm: LLMSettings) -> dict:
+    """The runs' resources, every field given (run config replaces a resource's configured values)."""
+    storage = StorageResource(data_dir=str(layout.root), sources_dir=str(layout.sources_dir))
+    generator = LLMResource.from_settings(llm, data_dir=str(layout.root))
+    return {
+        "storage": {"config": storage.model_dump(exclude_none=True)},
+        "llm": {"config": generator.model_dump(exclude_none=True)},
+    }
+
+
+def _ops_config(options: PipelineOptions, llm: LLMSettings) -> dict:
+    generation: dict = {"max_tokens": options.max_tokens}
+    if options.question_types:
+        generation["question_types"] = options.question_types
+    benchmark = dict(generation)
+    levels = options.levels or (EMBEDDED_LEVELS if llm.embedded else None)
+    if levels:
+        benchmark["levels"] = levels
+    seconds = options.max_seconds_per_level or (EMBEDDED_SECONDS_PER_LEVEL if llm.embedded else None)
+    if seconds:
+        benchmark["max_seconds_per_level"] = seconds
+    qa = dict(generation, force_regenerate=options.force_regenerate, failure_threshold=options.failure_threshold)
+    if options.concurrency == "auto":
+        qa["adaptive_concurrency"] = True
+    elif options.concurrency:
+        qa["concurrency"] = options.concurrency
+    return {
+        "test_sample": {"config": {"size": options.sample_size}},
+        "concurrency_benchmark": {"config": benchmark},
+        "qa_pairs": {"config": qa},
+    }

@@ -10,6 +10,7 @@ import pytest
 
 from qa_pipeline.core.documents import compare_sources
 from qa_pipeline.core.layout import DataLayout
+from qa_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG
 from qa_pipeline_tests.conftest import REPO, cli_env, sql
 
 GENERATED = {"chunks", "qa_pairs"}
@@ -62,9 +63,18 @@ def report_tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str 
     return sensor(dg.build_sensor_context(instance=instance, cursor=cursor))
 
 
-def requested(run_requests) -> dict[str | None, set[str]]:
-    """Partition → assets of each run request (None for unpartitioned runs)."""
-    return {r.partition_key: {key.to_user_string() for key in r.asset_selection} for r in run_requests or []}
+def requested(run_requests, instance: dg.DagsterInstance | None = None) -> dict[str | None, set[str]]:
+    """Partition → assets of each run request (None for unpartitioned runs); a run over a range of
+    documents counts for each of them."""
+    found = {}
+    for request in run_requests or []:
+        assets = {key.to_user_string() for key in request.asset_selection}
+        keys = [request.partition_key]
+        if RANGE_START_TAG in request.tags:
+            order = instance.get_dynamic_partitions("documents")
+            keys = order[order.index(request.tags[RANGE_START_TAG]) : order.index(request.tags[RANGE_END_TAG]) + 1]
+        found.update({key: assets for key in keys})
+    return found
 
 
 def execute(defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
@@ -73,7 +83,7 @@ def execute(defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunR
         asset_selection=request.asset_selection,
         partition_key=request.partition_key,
         instance=instance,
-        tags={k: v for k, v in request.tags.items() if not k.startswith("dagster/")},
+        tags={k: v for k, v in request.tags.items() if not k.startswith("dagster/") or k in (RANGE_START_TAG, RANGE_END_TAG)},
     )
     assert result.success
     return result
@@ -95,13 +105,16 @@ def qa_pairs_metadata(result: dg.ExecuteInProcessResult) -> dict:
 def test_edits_to_the_folder_regenerate_exactly_the_documents_that_changed(project, simulator, data_dir, monkeypatch):
     sim = simulator(max_num_seqs=32, step_base_ms=2, output_tokens_mean=120, output_tokens_max=600)
     monkeypatch.setenv("QA_PIPELINE_LLM_BASE_URL", sim.base_url)
-    defs, instance, layout = project
+    _, instance, layout = project
+    from qa_pipeline.definitions import defs as load_definitions
+
+    defs = load_definitions()  # the endpoint is read when the code location loads
     sources = layout.sources_dir
     (sources / "stable.md").write_text(STABLE)
 
     # First look at the folder: its one document gets a partition and a run.
     first = tick(defs, instance, cursor=None)
-    assert requested(first.run_requests) == {"stable.md": GENERATED}
+    assert requested(first.run_requests, instance) == {"stable.md": GENERATED}
     assert partitions(instance) == {"stable.md"}
     execute_all(defs, instance, first)
 
@@ -109,14 +122,14 @@ def test_edits_to_the_folder_regenerate_exactly_the_documents_that_changed(proje
     (sources / "alpha.md").write_text(ALPHA)
     (sources / "beta.md").write_text(BETA)
     added = tick(defs, instance, first.cursor)
-    assert requested(added.run_requests) == {"alpha.md": GENERATED, "beta.md": GENERATED}
+    assert requested(added.run_requests, instance) == {"alpha.md": GENERATED, "beta.md": GENERATED}
     assert all(r.tags["qa_pipeline/launched_by"] == "source_change" for r in added.run_requests)
     assert partitions(instance) == {"stable.md", "alpha.md", "beta.md"}
     execute_all(defs, instance, added)
 
     # The report follows once the new qa_pairs have landed, and then stays put.
     report = report_tick(defs, instance, cursor=None)
-    assert requested(report.run_requests) == {None: {"quality_report"}}
+    assert requested(report.run_requests, instance) == {None: {"quality_report"}}
     execute_all(defs, instance, report)
     report = report_tick(defs, instance, report.cursor)
     assert report.run_requests == []
@@ -124,13 +137,13 @@ def test_edits_to_the_folder_regenerate_exactly_the_documents_that_changed(proje
     # One section of one document changed: only its partition runs, and only the changed chunk costs a request.
     (sources / "alpha.md").write_text(ALPHA_EDITED)
     changed = tick(defs, instance, added.cursor)
-    assert requested(changed.run_requests) == {"alpha.md": GENERATED}
+    assert requested(changed.run_requests, instance) == {"alpha.md": GENERATED}
     assert not changed.dynamic_partitions_requests
     regenerated = qa_pairs_metadata(execute_all(defs, instance, changed)["alpha.md"])
     assert (regenerated["chunks"], regenerated["requests_sent"], regenerated["chunks_from_cache"]) == (2, 1, 1)
 
     report = report_tick(defs, instance, report.cursor)
-    assert requested(report.run_requests) == {None: {"quality_report"}}
+    assert requested(report.run_requests, instance) == {None: {"quality_report"}}
     execute_all(defs, instance, report)
 
     # Touching a file (new mtime, same bytes) triggers nothing.
@@ -148,13 +161,13 @@ def test_edits_to_the_folder_regenerate_exactly_the_documents_that_changed(proje
     assert not layout.partition_file("qa_pairs", "beta.md").exists()
     assert not layout.journal_file("beta.md").exists()
     report = report_tick(defs, instance, report.cursor)
-    assert requested(report.run_requests) == {None: {"quality_report"}}
+    assert requested(report.run_requests, instance) == {None: {"quality_report"}}
     execute_all(defs, instance, report)
 
     # A rename is a deletion plus an addition.
     stable.rename(sources / "renamed.md")
     renamed = tick(defs, instance, deleted.cursor)
-    assert requested(renamed.run_requests) == {"renamed.md": GENERATED}
+    assert requested(renamed.run_requests, instance) == {"renamed.md": GENERATED}
     assert partitions(instance) == {"alpha.md", "renamed.md"}
     execute_all(defs, instance, renamed)
     report = report_tick(defs, instance, report.cursor)
@@ -201,7 +214,7 @@ def test_the_schedule_catches_changes_the_sensor_did_not_see_and_repeats_none_it
     layout.partition_file("qa_pairs", "beta.md").write_bytes(b"stale")
     (sources / "beta.md").unlink()
     data = run_schedule()
-    assert requested(data.run_requests) == {"alpha.md": GENERATED}
+    assert requested(data.run_requests, instance) == {"alpha.md": GENERATED}
     assert partitions(instance) == {"alpha.md"}
     assert not layout.partition_file("qa_pairs", "beta.md").exists()
     assert run_schedule().run_requests == []

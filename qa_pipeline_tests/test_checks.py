@@ -16,8 +16,7 @@ from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.simulator import SimulatorProcess, start_simulator_process
 from qa_pipeline.core.storage import Storage
 from qa_pipeline.defs.assets import qa_pairs, quality_report
-from qa_pipeline.defs.checks import QA_PAIRS_CHECKS
-from qa_pipeline.defs.partitions import documents
+from qa_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, documents
 from qa_pipeline.defs.quality_assets import judged_sample
 from qa_pipeline.defs.resources import LLMResource, StorageResource
 from qa_pipeline_tests.written_outputs import write_sample_chunks
@@ -36,7 +35,7 @@ class Pipeline:
         if any(a is qa_pairs for a in assets):
             ops = {"qa_pairs": {"config": {"concurrency": 4}}, **ops}
         return dg.materialize(
-            [*assets, *QA_PAIRS_CHECKS] if partition else assets,
+            assets,
             partition_key=partition,
             instance=self.instance,
             resources=self.resources,
@@ -86,6 +85,7 @@ def pipeline(sim, tmp_path_factory) -> Iterator[Pipeline]:
     (root / "dagster_home").mkdir()
     with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
         instance.add_dynamic_partitions(documents.name, [GOOD, BAD])
+        PIPELINE_INSTANCE[:] = [instance]
         yield Pipeline(
             storage=storage,
             instance=instance,
@@ -93,12 +93,31 @@ def pipeline(sim, tmp_path_factory) -> Iterator[Pipeline]:
         )
 
 
+def recorded(result, event_type: dg.DagsterEventType) -> list[dg.DagsterEvent]:
+    """The run's events as the instance recorded them (the UI's view, also for a step that failed)."""
+    records = PIPELINE_INSTANCE[0].get_records_for_run(result.run_id, of_type=event_type).records
+    return [record.event_log_entry.dagster_event for record in records]
+
+
 def evaluations(result) -> dict[str, dg.AssetCheckEvaluation]:
-    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+    return {
+        e.event_specific_data.check_name: e.event_specific_data
+        for e in recorded(result, dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    }
 
 
 def materialized(result) -> set[str]:
-    return {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
+    return {e.asset_key.to_user_string() for e in recorded(result, dg.DagsterEventType.ASSET_MATERIALIZATION)}
+
+
+def materialization_metadata(result, asset: str) -> dict:
+    (event,) = [
+        e for e in recorded(result, dg.DagsterEventType.ASSET_MATERIALIZATION) if e.asset_key.to_user_string() == asset
+    ]
+    return event.step_materialization_data.materialization.metadata
+
+
+PIPELINE_INSTANCE: list[dg.DagsterInstance] = []
 
 
 def test_a_grounded_partition_passes_every_check_and_the_report_follows(pipeline):
@@ -109,7 +128,7 @@ def test_a_grounded_partition_passes_every_check_and_the_report_follows(pipeline
     assert all(e.passed for e in checks.values())
     assert checks["groundedness"].metadata["mean_groundedness"].value == pytest.approx(1.0)
     assert materialized(result) == {"qa_pairs", "quality_report"}
-    report = result.asset_materializations_for_node("quality_report")[0].metadata
+    report = materialization_metadata(result, "quality_report")
     assert report["plot/groundedness"].value.startswith("![groundedness](data:image/png;base64,")
 
 
@@ -123,10 +142,11 @@ def test_a_partition_with_invented_answers_fails_its_groundedness_check_and_bloc
     assert grounded.metadata["with_unsupported_numbers"].value == grounded.metadata["pairs"].value
     assert checks["success_rate"].passed
     # The crafted answers came from the journal: nothing was asked again, and the report was blocked.
-    assert result.asset_materializations_for_node("qa_pairs")[0].metadata["requests_sent"].value == 0
+    assert materialization_metadata(result, "qa_pairs")["requests_sent"].value == 0
     assert materialized(result) == {"qa_pairs"}
 
-    lenient = {"qa_pairs_quality": {"config": {"min_mean_groundedness": 0.0, "max_unsupported_share": 1.0}}}
+    checks = {"min_mean_groundedness": 0.0, "max_unsupported_share": 1.0}
+    lenient = {"qa_pairs": {"config": {"concurrency": 4, "checks": checks}}}
     assert evaluations(pipeline.materialize([qa_pairs], BAD, lenient))["groundedness"].passed
 
 
@@ -150,23 +170,21 @@ def test_the_judged_sample_stores_verdicts_and_their_agreement_with_the_scores(p
 
 
 def test_a_run_over_several_documents_checks_each_document_on_its_own(pipeline):
-    """Under a multi-document backfill policy (QA_PIPELINE_DOCUMENTS_PER_RUN) one run covers a range
-    of documents: each check records a verdict per document, and the bad one alone fails."""
-    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
-
-    single_run = qa_pairs.with_attributes(backfill_policy=dg.BackfillPolicy.single_run())
-    job = dg.define_asset_job("qa_pairs_range", selection=dg.AssetSelection.assets(single_run))
-    definitions = dg.Definitions(
-        assets=[single_run], asset_checks=QA_PAIRS_CHECKS, jobs=[job], resources=pipeline.resources
-    )
+    """A run covers a range of documents (the default backfill policy): each check records a verdict
+    per document, the bad one alone fails its check, and both documents are materialized."""
+    job = dg.define_asset_job("qa_pairs_range", selection=dg.AssetSelection.assets(qa_pairs))
+    definitions = dg.Definitions(assets=[qa_pairs], jobs=[job], resources=pipeline.resources)
     result = definitions.resolve_job_def("qa_pairs_range").execute_in_process(
         instance=pipeline.instance,
         raise_on_error=False,
         run_config={"ops": {"qa_pairs": {"config": {"concurrency": 4}}}},
-        tags={ASSET_PARTITION_RANGE_START_TAG: GOOD, ASSET_PARTITION_RANGE_END_TAG: BAD},
+        tags={RANGE_START_TAG: GOOD, RANGE_END_TAG: BAD},
     )
 
-    verdicts = {(e.check_name, e.partition): e.passed for e in result.get_asset_check_evaluations()}
+    verdicts = {
+        (e.event_specific_data.check_name, e.event_specific_data.partition): e.event_specific_data.passed
+        for e in recorded(result, dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    }
     assert verdicts == {
         ("success_rate", GOOD): True, ("success_rate", BAD): True,
         ("groundedness", GOOD): True, ("groundedness", BAD): False,
@@ -174,4 +192,6 @@ def test_a_run_over_several_documents_checks_each_document_on_its_own(pipeline):
     }
     assert not result.success, "a failing blocking check fails its step"
     failed_steps = {event.step_key for event in result.all_events if event.is_step_failure}
-    assert failed_steps == {"qa_pairs_quality"}
+    assert failed_steps == {"qa_pairs"}
+    statuses = pipeline.instance.get_status_by_partition(qa_pairs.key, [GOOD, BAD], documents)
+    assert statuses == {GOOD: dg.AssetPartitionStatus.MATERIALIZED, BAD: dg.AssetPartitionStatus.MATERIALIZED}

@@ -37,16 +37,3 @@ def test_each_document_is_handed_over_when_its_last_chunk_is_done_not_at_the_end
     handed_over.clear()
     asyncio.run(run())
     assert handed_over == {"small.md": (["s0", "s1"], 62), "large.md": ([f"l{i}" for i in range(60)], 62)}
-
-
-def test_documents_per_run_setting_chooses_the_backfill_policy_and_rejects_nonsense():
-    import dagster as dg
-    import pytest
-
-    from qa_pipeline.defs.assets import backfill_policy
-
-    assert backfill_policy(None) is None  # a run per document, Dagster's default
-    assert backfill_policy("all") == dg.BackfillPolicy.single_run()
-    assert backfill_policy(" 25 ") == dg.BackfillPolicy.multi_run(25)
-    with pytest.raises(ValueError, match="QA_PIPELINE_DOCUMENTS_PER_RUN must be a positive number or 'all', not '0'"):
-        backfill_policy("0")

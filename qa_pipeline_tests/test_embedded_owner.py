@@ -11,14 +11,12 @@ import fcntl
 import json
 import os
 import signal
-import subprocess
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from qa_pipeline.core.embedded import MODEL_NAME, STATE_FILE_NAME, stop_embedded_server
-from qa_pipeline.core.layout import DataLayout
 from qa_pipeline_tests.conftest import cli_env, run_cli
 from qa_pipeline_tests.test_embedded import (  # noqa: F401
     data_dir_with_model,

@@ -12,7 +12,14 @@ from typing import Any
 import polars as pl
 from pydantic import BaseModel, ConfigDict
 
-from qa_pipeline.core.documents import Document, DocumentFormat, PrechunkedRecord
+from qa_pipeline.core.documents import (
+    Document,
+    DocumentError,
+    DocumentFormat,
+    PrechunkedRecord,
+    SourceFile,
+    read_document,
+)
 
 DEFAULT_TARGET_TOKENS = 400
 DEFAULT_OVERLAP_TOKENS = 50
@@ -756,3 +763,13 @@ def _tail_pieces(piece: _Piece, budget: int, splitters: Sequence[_Splitter]) -> 
         if tail:
             return tail
     return []
+
+
+def document_problem(source: SourceFile) -> str | None:
+    """Why a source file cannot be chunked (it names the file, the problem and the fix), or None."""
+    try:
+        if not chunk_document(read_document(source)):
+            return f"{source.path}: no text to chunk (the document is empty after parsing). Add text to it or remove it."
+    except DocumentError as error:
+        return str(error)
+    return None

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-DATA_DIR_ENV = "QA_PIPELINE_DATA_DIR"
-SOURCES_DIR_ENV = "QA_PIPELINE_SOURCES_DIR"
-DEFAULT_DATA_DIR = Path("data")
+from qa_pipeline.core.settings import StorageSettings
+
 
 # Tables written as one Parquet file per partition (document) and exposed as DuckDB views.
 PARTITIONED_TABLES = ("chunks", "qa_pairs", "failures", "pair_scores")
@@ -33,9 +31,14 @@ class DataLayout:
     @classmethod
     def from_env(cls, data_dir: str | Path | None = None, sources_dir: str | Path | None = None) -> DataLayout:
         """Explicit arguments win over QA_PIPELINE_DATA_DIR / QA_PIPELINE_SOURCES_DIR, then ./data."""
-        root = Path(data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser().absolute()
-        sources = sources_dir or os.environ.get(SOURCES_DIR_ENV)
-        return cls(root=root, sources_override=Path(sources).expanduser().absolute() if sources else None)
+        settings = StorageSettings.load(data_dir=data_dir or None, sources_dir=sources_dir or None)
+        return cls.from_settings(settings)
+
+    @classmethod
+    def from_settings(cls, settings: StorageSettings) -> DataLayout:
+        root = settings.data_dir.expanduser().absolute()
+        sources = settings.sources_dir.expanduser().absolute() if settings.sources_dir else None
+        return cls(root=root, sources_override=sources)
 
     @property
     def sources_dir(self) -> Path:

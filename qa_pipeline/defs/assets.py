@@ -1,54 +1,55 @@
-"""The asset graph: source documents → chunks → test sample → concurrency benchmark → QA pairs → report."""
+"""The asset graph: source documents → chunks → test sample → concurrency benchmark → QA pairs (+ checks) → report.
+
+`chunks` and `qa_pairs` run over many documents at once (their backfill policy): a run is the unit
+of work, a partition the unit of change and failure. A document that fails is recorded as failed
+on its own; the others of the run are materialized.
+"""
 
 
 import asyncio
-import os
 
 import dagster as dg
 import polars as pl
 
 from qa_pipeline.core import benchmark as bench
+from qa_pipeline.core import settings as defaults
+from qa_pipeline.core.settings import LLMSettings, RunSettings
 from qa_pipeline.core.chunking import chunk_document, chunks_to_frame
-from qa_pipeline.core.client import seconds_from_env
 from qa_pipeline.core.concurrency import AdaptiveLimit, FixedLimit
-from qa_pipeline.core.documents import DocumentError, discover_documents, read_document
-from qa_pipeline.core.generation import (
-    DEFAULT_STALL_TIMEOUT_S,
-    STALL_TIMEOUT_ENV,
-    ChunkTask,
-    GenerationReport,
-    GenerationSettings,
-    Generator,
-)
+from qa_pipeline.core.documents import DocumentError, SourceFile, discover_documents, read_document
+from qa_pipeline.core.generation import ChunkTask, GenerationReport, GenerationSettings, Generator
 from qa_pipeline.core.plots import plot_generation_telemetry, telemetry_summary
 from qa_pipeline.core.prompts import DEFAULT_QUESTION_TYPES, PROMPT_VERSION, build_messages
 from qa_pipeline.core.quality import refresh_pair_scores, score_partition
 from qa_pipeline.core.report import build_report, to_markdown_table
 from qa_pipeline.core.sampling import stratified_sample
 from qa_pipeline.core.storage import ChunkResult, results_to_frames, write_parquet_atomic, write_text_atomic
+from qa_pipeline.defs.checks import (
+    CHECK_SPECS,
+    QualityChecksConfig,
+    blocking_failures,
+    check_evaluations,
+    document_verdicts,
+)
 from qa_pipeline.defs.partitions import documents
-from qa_pipeline.defs.resources import MODEL_ENV, LLMResource, StorageResource
+from qa_pipeline.defs.resources import LLMResource, StorageResource
+
+_DATA_VERSION_TAG = "dagster/data_version"
 
 
-# How many documents one backfill run of `qa_pairs` covers, read when the code loads: 1 (Dagster's
-# default, a run per document), a number N (runs of up to N documents), or "all" (one run).
-DOCUMENTS_PER_RUN_ENV = "QA_PIPELINE_DOCUMENTS_PER_RUN"
+def backfill_policy(documents_per_run: int | str) -> dg.BackfillPolicy:
+    """How many documents one run of `chunks` and `qa_pairs` covers: a number, or "all" (one run).
 
-
-def backfill_policy(documents_per_run: str | None) -> dg.BackfillPolicy | None:
-    """The `qa_pairs` backfill policy for a QA_PIPELINE_DOCUMENTS_PER_RUN value.
-
-    A run starts a Python process and costs seconds of Dagster bookkeeping; for documents of a
-    few dozen chunks that is longer than the generation itself and the server waits. Several
-    documents in one run share one work queue, and a document over its failure threshold still
-    fails alone (see _several_documents_result).
+    A run starts a Python process and costs seconds of Dagster bookkeeping; for documents of a few
+    dozen chunks that is longer than their generation, and between two runs the server's batch
+    drains. The documents of a run share one work queue, and one that fails still fails alone.
     """
-    value = (documents_per_run or "1").strip().lower()
-    if value == "all":
+    if documents_per_run == "all":
         return dg.BackfillPolicy.single_run()
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{DOCUMENTS_PER_RUN_ENV} must be a positive number or 'all', not {documents_per_run!r}")
-    return None if int(value) == 1 else dg.BackfillPolicy.multi_run(int(value))
+    return dg.BackfillPolicy.multi_run(int(documents_per_run))
+
+
+DEFAULT_BACKFILL_POLICY = backfill_policy(defaults.DEFAULT_DOCUMENTS_PER_RUN)
 
 
 class ChunkingConfig(dg.Config):
@@ -57,13 +58,13 @@ class ChunkingConfig(dg.Config):
 
 
 class SampleConfig(dg.Config):
-    size: int = 100
+    size: defaults.PositiveInt = defaults.DEFAULT_SAMPLE_SIZE
     seed: int = 0
 
 
 class GenerationConfig(dg.Config):
-    max_tokens: int = 1024
-    temperature: float = 0.0
+    max_tokens: defaults.PositiveInt = defaults.DEFAULT_MAX_TOKENS
+    temperature: float = defaults.DEFAULT_TEMPERATURE
     question_types: list[str] = list(DEFAULT_QUESTION_TYPES)
 
     def settings(self) -> GenerationSettings:
@@ -81,11 +82,12 @@ class BenchmarkConfig(GenerationConfig):
 class QAPairsConfig(GenerationConfig):
     concurrency: int | None = None  # None: the benchmark's recommended level, else adaptive
     adaptive_concurrency: bool = False  # `--concurrency auto`: follow the server's load instead of a fixed level
-    max_concurrency: int = 256  # the adaptive limit never goes above this
-    failure_threshold: float = 0.05
-    stall_timeout_s: float | None = None  # None: $QA_PIPELINE_STALL_TIMEOUT_S, else 900
-    progress_interval_s: float = 10.0
+    max_concurrency: defaults.PositiveInt = 256  # the adaptive limit never goes above this
+    failure_threshold: defaults.Fraction = defaults.DEFAULT_FAILURE_THRESHOLD
+    stall_timeout_s: defaults.Seconds | None = None  # None: the `llm` resource's (QA_PIPELINE_STALL_TIMEOUT_S)
+    progress_interval_s: defaults.Seconds = 10.0
     force_regenerate: bool = False
+    checks: QualityChecksConfig = QualityChecksConfig()
 
 
 @dg.observable_source_asset(partitions_def=documents, description="Files under the sources folder, by content hash.")
@@ -95,36 +97,97 @@ def source_documents(storage: StorageResource) -> dg.DataVersionsByPartition:
     )
 
 
-@dg.asset(partitions_def=documents, deps=[source_documents], code_version="chunking-v1")
+@dg.asset(
+    partitions_def=documents,
+    deps=[source_documents],
+    code_version="chunking-v1",
+    backfill_policy=DEFAULT_BACKFILL_POLICY,
+    kinds={"parquet"},
+)
 def chunks(context: dg.AssetExecutionContext, config: ChunkingConfig, storage: StorageResource) -> dg.MaterializeResult:
-    """Structure-aware chunks of one document (pre-chunked JSONL passes through)."""
-    document = context.partition_key
+    """Structure-aware chunks of each document of the run (pre-chunked JSONL passes through).
+
+    A file that cannot be read or chunked fails its own partition, naming the file; the other
+    documents of the run are chunked and recorded.
+    """
     sources = {s.key: s for s in discover_documents(storage.layout.sources_dir)}
-    if document not in sources:
-        raise dg.Failure(
-            f"document {document!r} is not in {storage.layout.sources_dir}; it was moved or deleted"
+    outcomes: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    for document in context.partition_keys:
+        source = sources.get(document)
+        if source is None:
+            failed[document] = f"document {document!r} is not in {storage.layout.sources_dir}; it was moved or deleted"
+            continue
+        try:
+            outcomes[document] = _chunk_document(context, source, config, storage)
+        except DocumentError as error:
+            failed[document] = str(error)
+        # The content the chunks were built from, per document: the sources sensor falls back on it.
+        context.log_event(
+            dg.AssetObservation(
+                asset_key=source_documents.key, partition=document, tags={_DATA_VERSION_TAG: source.content_hash}
+            )
         )
-    try:
-        parsed = read_document(sources[document])
-        chunk_list = chunk_document(parsed, target_tokens=config.target_tokens, overlap_tokens=config.overlap_tokens)
-    except DocumentError as error:
-        raise dg.Failure(description=str(error), metadata={"file": str(sources[document].path)}) from None
+    totals = {
+        "dagster/row_count": sum(m["dagster/row_count"] for m in outcomes.values()),
+        "tokens_total": sum(m["tokens_total"] for m in outcomes.values()),
+    }
+    return _partitions_result(context, outcomes, failed, totals)
+
+
+def _chunk_document(
+    context: dg.AssetExecutionContext, source: SourceFile, config: ChunkingConfig, storage: StorageResource
+) -> dict:
+    """Chunks one file and writes its table; the partition's metadata."""
+    parsed = read_document(source)
+    chunk_list = chunk_document(parsed, target_tokens=config.target_tokens, overlap_tokens=config.overlap_tokens)
     if not chunk_list:
-        raise dg.Failure(f"{sources[document].path}: no text to chunk (the document is empty after parsing)")
+        raise DocumentError(source.path, "no text to chunk (the document is empty after parsing)", "Add text to it or remove it.")
     frame = chunks_to_frame(chunk_list)
-    path = storage.storage.write_partition("chunks", document, frame)
+    path = storage.storage.write_partition("chunks", source.key, frame)
     for warning in getattr(parsed, "warnings", []) or []:
-        context.log.warning(f"{sources[document].path}: {warning}")
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": frame.height,
-            "tokens_total": int(frame["n_tokens"].sum()),
-            "tokens_max": int(frame["n_tokens"].max()),
-            "path": dg.MetadataValue.path(str(path)),
-            "content_hash": sources[document].content_hash,
-            "preview": dg.MetadataValue.md(to_markdown_table(frame.select("chunk_id", "heading_path", "n_tokens").head(10))),
-        },
-        data_version=dg.DataVersion(sources[document].content_hash),
+        context.log.warning(f"{source.path}: {warning}")
+    return {
+        "dagster/row_count": frame.height,
+        "tokens_total": int(frame["n_tokens"].sum()),
+        "tokens_max": int(frame["n_tokens"].max()),
+        "path": dg.MetadataValue.path(str(path)),
+        "content_hash": source.content_hash,
+    }
+
+
+def _partitions_result(
+    context: dg.AssetExecutionContext,
+    outcomes: dict[str, dict],
+    failed: dict[str, str],
+    totals: dict,
+    extra: dict | None = None,
+) -> dg.MaterializeResult:
+    """The end of a step over one or many documents: each document that failed fails alone.
+
+    Dagster records a materialization for every partition of a step that succeeds, and none for a
+    step that fails. So when some documents fail, each one that passed is recorded here as
+    materialized, with its own metadata, before the step fails: the failed partitions alone show as
+    failed, and a re-run of them redoes only their own work.
+    """
+    extra = extra or {}
+    keys = context.partition_keys
+    if not failed:
+        if len(keys) == 1:
+            return dg.MaterializeResult(metadata={**outcomes[keys[0]], **extra})
+        return dg.MaterializeResult(metadata={"documents": len(keys), **totals, **extra})
+    for document, metadata in outcomes.items():
+        context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=document, metadata=metadata))
+    failed_documents = {"failed_documents": dg.MetadataValue.json(failed)}  # read by `qa-pipeline run`
+    if len(keys) == 1:
+        raise dg.Failure(description=failed[keys[0]], metadata={**outcomes.get(keys[0], {}), **extra, **failed_documents})
+    listed = "; ".join(f"{document}: {reason}" for document, reason in sorted(failed.items())[:10])
+    raise dg.Failure(
+        description=(
+            f"{len(failed)} of {len(keys)} documents failed ({listed}{'; ...' if len(failed) > 10 else ''}). "
+            f"The other {len(keys) - len(failed)} are materialized."
+        ),
+        metadata={"documents": len(keys), "documents_failed": len(failed), **totals, **extra, **failed_documents},
     )
 
 
@@ -182,27 +245,43 @@ async def concurrency_benchmark(
     )
 
 
-@dg.asset(
-    partitions_def=documents,
-    deps=[chunks, concurrency_benchmark],
-    # A new prompt or model marks every partition stale in the UI (read when the code loads).
-    code_version=f"{PROMPT_VERSION}+{os.environ.get(MODEL_ENV) or 'embedded'}",
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            "qa_pairs",
+            partitions_def=documents,
+            deps=[chunks, concurrency_benchmark],
+            # A new prompt marks every partition stale in the UI; the loaded definitions add the model
+            # (see `assets_definitions`).
+            code_version=PROMPT_VERSION,
+            kinds={"parquet"},
+            description="QA pairs for every chunk of each document, with their quality checks.",
+        )
+    ],
+    check_specs=CHECK_SPECS,
+    # Subsettable, so its checks are optional outputs: they are recorded per document as events.
+    can_subset=True,
     pool="llm_server",
-    backfill_policy=backfill_policy(os.environ.get(DOCUMENTS_PER_RUN_ENV)),
+    backfill_policy=DEFAULT_BACKFILL_POLICY,
 )
 async def qa_pairs(
     context: dg.AssetExecutionContext, config: QAPairsConfig, llm: LLMResource, storage: StorageResource
-) -> dg.MaterializeResult:
-    """QA pairs for every chunk of one document; failures are recorded, and fail the partition above a threshold.
+):  # no return annotation: with check outputs, Dagster would read it as one per output
+    """QA pairs for every chunk of the run's documents, through one work queue; failures are recorded.
 
-    A run may cover several documents (a backfill under a multi-partition backfill policy): their
-    chunks then share one work queue, so small documents keep the server busy together, and a
-    document over the threshold still fails alone (see _several_documents_result).
+    Each document is published as soon as its last chunk is answered, while the server works on the
+    others: its tables are written, its pairs scored and its checks evaluated. A document over the
+    failure threshold fails alone; a failed blocking check blocks the assets downstream.
     """
+    # Yielded, not returned: with check outputs on the op, Dagster reads a returned tuple as outputs.
+    yield await _generate_qa_pairs(context, config, llm, storage)
+
+
+async def _generate_qa_pairs(
+    context: dg.AssetExecutionContext, config: QAPairsConfig, llm: LLMResource, storage: StorageResource
+) -> dg.MaterializeResult:
     documents_in_run = context.partition_keys
     tasks, missing = _chunk_tasks(documents_in_run, storage)
-    if missing and len(documents_in_run) == 1:
-        raise dg.Failure(f"no chunks for {missing[0]!r}: materialize `chunks` for this partition first")
     limiter = _concurrency_limit(context, config, storage)
     generator = Generator(
         llm.client,
@@ -211,23 +290,62 @@ async def qa_pairs(
         limiter,
         log=context.log.info,
         progress_interval_s=config.progress_interval_s,
-        stall_timeout_s=(
-            config.stall_timeout_s
-            if config.stall_timeout_s is not None
-            else seconds_from_env(STALL_TIMEOUT_ENV, DEFAULT_STALL_TIMEOUT_S)
-        ),
+        stall_timeout_s=config.stall_timeout_s or llm.stall_timeout_s,
         force=config.force_regenerate,
     )
-    outcomes: dict[str, tuple[dict, str | None]] = {}
+    thresholds = config.checks.thresholds()
+    published: dict[str, tuple[dict, str | None, list]] = {}
 
-    async def document_done(document: str, results: list[ChunkResult]) -> None:
+    async def publish(document: str, results: list[ChunkResult]) -> None:
         # Written while the server still works on the run's other documents.
-        outcomes[document] = await asyncio.to_thread(
-            _document_outcome, document, results, storage, config.failure_threshold
+        published[document] = await asyncio.to_thread(
+            _publish_document, document, results, storage, config.failure_threshold, thresholds
         )
 
-    report = await generator.run(tasks, on_document_done=document_done) if tasks else GenerationReport(results={})
-    run_metadata = {
+    report = await generator.run(tasks, on_document_done=publish) if tasks else GenerationReport(results={})
+    for document in documents_in_run:
+        if document not in missing and document not in published:  # a chunks table without rows
+            published[document] = _publish_document(document, [], storage, config.failure_threshold, thresholds)
+
+    failed = {document: "no chunks: materialize `chunks` for this partition first" for document in missing}
+    blocked = {}
+    for document, (_, failure, verdicts) in published.items():
+        for evaluation in check_evaluations(document, verdicts):
+            context.log_event(evaluation)
+        if failure is not None:
+            failed[document] = failure
+        elif names := blocking_failures(verdicts):
+            blocked[document] = names
+    outcomes = {document: metadata for document, (metadata, failure, _) in published.items() if failure is None}
+    totals = {
+        "dagster/row_count": sum(m["dagster/row_count"] for m, _, _ in published.values()),
+        "chunks": sum(m["chunks"] for m, _, _ in published.values()),
+        "chunks_failed": sum(m["chunks_failed"] for m, _, _ in published.values()),
+    }
+    run_metadata = _run_metadata(context, report, limiter, storage)
+    if blocked and not failed:
+        # Materialized, but what depends on it must wait: the same as a failed blocking check.
+        single = run_metadata if len(documents_in_run) == 1 else {}
+        for document, metadata in outcomes.items():
+            context.log_event(
+                dg.AssetMaterialization(asset_key=context.asset_key, partition=document, metadata={**metadata, **single})
+            )
+        listed = "; ".join(f"{document}: {', '.join(names)}" for document, names in sorted(blocked.items())[:10])
+        raise dg.Failure(
+            description=(
+                f"blocking checks failed for {len(blocked)} of {len(documents_in_run)} documents ({listed}"
+                f"{'; ...' if len(blocked) > 10 else ''}). Their QA pairs are saved; assets downstream wait."
+            ),
+            metadata={"documents": len(documents_in_run), **totals, **run_metadata},
+        )
+    return _partitions_result(context, outcomes, failed, totals, run_metadata)
+
+
+def _run_metadata(
+    context: dg.AssetExecutionContext, report: GenerationReport, limiter, storage: StorageResource
+) -> dict:
+    """The run's throughput figures; its plot is a file, linked (a picture per run would bloat the event log)."""
+    metadata = {
         "requests_sent": report.sent,
         "chunks_from_cache": report.cached,
         "concurrency": "auto" if isinstance(limiter, AdaptiveLimit) else limiter.limit,
@@ -236,19 +354,13 @@ async def qa_pairs(
         "duration_s": report.duration_s,
     }
     if len(report.telemetry) > 1:
-        title = f"qa_pairs {documents_in_run[0]}" if len(documents_in_run) == 1 else f"qa_pairs ({len(tasks)} chunks)"
-        plot = plot_generation_telemetry(report.telemetry, title)
-        run_metadata["throughput_plot"] = dg.MetadataValue.md(_inline_png(plot, "throughput, concurrency and server load"))
-    for document in documents_in_run:
-        if document not in missing and document not in outcomes:  # a chunks table without rows
-            outcomes[document] = _document_outcome(document, [], storage, config.failure_threshold)
-    if len(documents_in_run) > 1:
-        return _several_documents_result(context, outcomes, missing, run_metadata)
-    metadata, failure = outcomes[documents_in_run[0]]
-    metadata = {**metadata, **run_metadata}
-    if failure is not None:
-        raise dg.Failure(description=failure, metadata=metadata)
-    return dg.MaterializeResult(metadata=metadata)
+        keys = context.partition_keys
+        title = f"qa_pairs {keys[0]}" if len(keys) == 1 else f"qa_pairs ({len(keys)} documents)"
+        path = storage.layout.report_dir / "runs" / f"qa_pairs-{context.run_id}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(plot_generation_telemetry(report.telemetry, title))
+        metadata["throughput_plot"] = dg.MetadataValue.path(str(path))
+    return metadata
 
 
 def _chunk_tasks(documents_in_run: list[str], storage: StorageResource) -> tuple[list[ChunkTask], list[str]]:
@@ -266,14 +378,15 @@ def _chunk_tasks(documents_in_run: list[str], storage: StorageResource) -> tuple
     return tasks, missing
 
 
-def _document_outcome(
-    document: str, results: list[ChunkResult], storage: StorageResource, failure_threshold: float
-) -> tuple[dict, str | None]:
-    """Writes one document's tables; its metadata, and why it fails (None when under the threshold)."""
+def _publish_document(
+    document: str, results: list[ChunkResult], storage: StorageResource, failure_threshold: float, thresholds
+) -> tuple[dict, str | None, list]:
+    """Writes one document's tables and scores them; its metadata, why it fails (or None), its check verdicts."""
     pairs, failures = results_to_frames(results)
     storage.storage.write_partition("qa_pairs", document, pairs)
     storage.storage.write_partition("failures", document, failures)
-    score_partition(storage.storage, document)  # pair_scores, read by the asset checks
+    score_partition(storage.storage, document)  # pair_scores, read by the checks
+    verdicts = document_verdicts(storage.storage, document, thresholds)
     failure_rate = failures.height / len(results) if results else 0.0
     metadata = {
         "dagster/row_count": pairs.height,
@@ -285,45 +398,12 @@ def _document_outcome(
         ),
     }
     if failure_rate <= failure_threshold:
-        return metadata, None
+        return metadata, None, verdicts
     return metadata, (
         f"{failures.height} of {len(results)} chunks of {document!r} failed ({failure_rate:.1%} > "
         f"threshold {failure_threshold:.1%}). Finished chunks are saved; re-run this "
         "partition to retry only the failed chunks."
-    )
-
-
-def _several_documents_result(
-    context: dg.AssetExecutionContext, outcomes: dict, missing: list[str], run_metadata: dict
-) -> dg.MaterializeResult:
-    """The end of a run that covers several documents.
-
-    Dagster records a materialization for every partition of a run that succeeds, and none for a
-    run that fails. So when some documents fail, each one that passed is recorded here as
-    materialized, with its own metadata, before the step fails: the failed partitions alone show
-    as failed, and a re-run of them sends only their failed chunks.
-    """
-    failed = {document: failure for document, (_, failure) in outcomes.items() if failure is not None}
-    failed.update({document: "no chunks: materialize `chunks` for this partition first" for document in missing})
-    totals = {
-        "documents": len(outcomes) + len(missing),
-        "dagster/row_count": sum(metadata["dagster/row_count"] for metadata, _ in outcomes.values()),
-        "chunks": sum(metadata["chunks"] for metadata, _ in outcomes.values()),
-        "chunks_failed": sum(metadata["chunks_failed"] for metadata, _ in outcomes.values()),
-    }
-    if not failed:
-        return dg.MaterializeResult(metadata={**totals, **run_metadata})
-    for document, (metadata, failure) in outcomes.items():
-        if failure is None:
-            context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=document, metadata=metadata))
-    listed = "; ".join(f"{document}: {reason}" for document, reason in sorted(failed.items())[:10])
-    raise dg.Failure(
-        description=(
-            f"{len(failed)} of {totals['documents']} documents failed ({listed}"
-            f"{'; ...' if len(failed) > 10 else ''}). The other {totals['documents'] - len(failed)} are materialized."
-        ),
-        metadata={**totals, "documents_failed": len(failed), **run_metadata},
-    )
+    ), verdicts
 
 
 @dg.asset(deps=[qa_pairs], code_version="report-v2")
@@ -374,3 +454,23 @@ def _inline_png(image, alt: str = "concurrency sweep") -> str:
 
     data = image if isinstance(image, bytes) else image.read_bytes()
     return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode('ascii')})"
+
+
+@dg.definitions
+def assets_definitions() -> dg.Definitions:
+    """The graph as this environment configures it: documents per run, and the model in `qa_pairs`'
+    code version, so a new model marks every partition stale (read when the code location loads)."""
+    llm, run = LLMSettings.load(), RunSettings.load()
+    policy = backfill_policy(run.documents_per_run)
+    version = f"{PROMPT_VERSION}+{llm.llm_model or 'embedded'}"
+    generated = dg.map_asset_specs(lambda spec: spec.replace_attributes(code_version=version), [qa_pairs])[0]
+    return dg.Definitions(
+        assets=[
+            source_documents,
+            chunks.with_attributes(backfill_policy=policy),
+            test_sample,
+            concurrency_benchmark,
+            generated.with_attributes(backfill_policy=policy),
+            quality_report,
+        ]
+    )

@@ -1,27 +1,28 @@
-"""Asset checks on each `qa_pairs` partition: success rate, groundedness and duplicates, with thresholds
-set in the run config. Failing success-rate or groundedness checks block assets downstream in the same run.
+"""The quality checks of each `qa_pairs` partition: success rate, groundedness and duplicates.
 
-The three checks are one step (`qa_pairs_quality`): each document's figures are read once for all
-three, and a backfill over many documents pays one step, not three.
+They are evaluated inside the `qa_pairs` step, for each document as soon as its tables are written,
+so a run over many documents gives one verdict per document even when another document of the run
+fails. Failing success-rate or groundedness checks block the assets downstream.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 
 import dagster as dg
 
 from qa_pipeline.core.quality import (
     QualityThresholds,
+    Verdict,
     duplicates_verdict,
     groundedness_verdict,
     success_rate_verdict,
     summarize_partition,
 )
-from qa_pipeline.defs.assets import qa_pairs
+from qa_pipeline.core.storage import Storage
 from qa_pipeline.defs.partitions import documents
-from qa_pipeline.defs.resources import StorageResource
 
 _DEFAULTS = QualityThresholds()
 _ERROR, _WARN = dg.AssetCheckSeverity.ERROR, dg.AssetCheckSeverity.WARN
+QA_PAIRS = dg.AssetKey("qa_pairs")
 
 CHECKS = {
     # name: (verdict, severity, blocking, description)
@@ -41,52 +42,51 @@ CHECKS = {
     ),
 }
 
+CHECK_SPECS = [
+    dg.AssetCheckSpec(name, asset=QA_PAIRS, partitions_def=documents, blocking=blocking, description=description)
+    for name, (_, _, blocking, description) in CHECKS.items()
+]
+
 
 class QualityChecksConfig(dg.Config):
+    """Thresholds of the checks (part of `qa_pairs`' config, under `checks`)."""
+
     min_success_rate: float = _DEFAULTS.min_success_rate
     min_mean_groundedness: float = _DEFAULTS.min_mean_groundedness
     ungrounded_below: float = _DEFAULTS.ungrounded_below
     max_unsupported_share: float = _DEFAULTS.max_unsupported_share
     max_duplicate_share: float = _DEFAULTS.max_duplicate_share
 
-
-@dg.multi_asset_check(
-    specs=[
-        dg.AssetCheckSpec(name, asset=qa_pairs, partitions_def=documents, blocking=blocking, description=description)
-        for name, (_, _, blocking, description) in CHECKS.items()
-    ],
-    can_subset=True,
-    name="qa_pairs_quality",
-)
-def qa_pairs_quality(
-    context: dg.AssetCheckExecutionContext, config: QualityChecksConfig, storage: StorageResource
-) -> Iterator[dg.AssetCheckResult | dg.AssetCheckEvaluation]:
-    """One verdict per selected check and document of the run.
-
-    A run over one document yields the usual results. A run over several (a backfill under a
-    multi-document policy, see defs/assets.py) records an evaluation per document, since a result
-    could not say which partition it is about; a failing blocking one still fails the step.
-    """
-    thresholds = QualityThresholds(**config.model_dump())
-    selected = [name for name in CHECKS if dg.AssetCheckKey(qa_pairs.key, name) in context.selected_asset_check_keys]
-    keys = context.partition_keys
-    for document in keys:
-        quality = summarize_partition(storage.storage, document, thresholds)
-        for name in selected:
-            verdict_of, severity, blocking, _ = CHECKS[name]
-            verdict = verdict_of(quality, thresholds)
-            common = {
-                "passed": verdict.passed,
-                "severity": severity,
-                "description": verdict.description,
-                "metadata": {key: value for key, value in verdict.metadata.items() if value is not None},
-            }
-            if len(keys) == 1:
-                yield dg.AssetCheckResult(asset_key=qa_pairs.key, check_name=name, **common)
-            else:
-                yield dg.AssetCheckEvaluation(
-                    asset_key=qa_pairs.key, check_name=name, blocking=blocking, partition=document, **common
-                )
+    def thresholds(self) -> QualityThresholds:
+        return QualityThresholds(**self.model_dump())
 
 
-QA_PAIRS_CHECKS = [qa_pairs_quality]
+def document_verdicts(storage: Storage, document: str, thresholds: QualityThresholds) -> list[Verdict]:
+    """Every check's verdict on one document's written tables (called from a worker thread)."""
+    quality = summarize_partition(storage, document, thresholds)
+    return [verdict_of(quality, thresholds) for verdict_of, _, _, _ in CHECKS.values()]
+
+
+def check_evaluations(document: str, verdicts: Iterable[Verdict]) -> list[dg.AssetCheckEvaluation]:
+    """The verdicts as Dagster check evaluations of the document's partition."""
+    evaluations = []
+    for verdict in verdicts:
+        _, severity, blocking, _ = CHECKS[verdict.check]
+        evaluations.append(
+            dg.AssetCheckEvaluation(
+                asset_key=QA_PAIRS,
+                check_name=verdict.check,
+                passed=verdict.passed,
+                severity=severity,
+                blocking=blocking,
+                partition=document,
+                description=verdict.description,
+                metadata={key: value for key, value in verdict.metadata.items() if value is not None},
+            )
+        )
+    return evaluations
+
+
+def blocking_failures(verdicts: Iterable[Verdict]) -> list[str]:
+    """Names of the failed checks that block downstream assets."""
+    return [v.check for v in verdicts if not v.passed and CHECKS[v.check][2]]

@@ -1,7 +1,5 @@
-"""Optional quality assets: `judged_sample`, an LLM-as-judge over a seeded sample of QA pairs, and the
+"""Optional quality assets: `judged_sample`, an LLM-as-judge over a seeded sample of QA pairs, with the
 `judge` resource (QA_PIPELINE_JUDGE_BASE_URL / QA_PIPELINE_JUDGE_MODEL, else the generator's server)."""
-
-import os
 
 import dagster as dg
 
@@ -10,9 +8,6 @@ from qa_pipeline.core.quality import QualityThresholds, refresh_pair_scores
 from qa_pipeline.core.report import to_markdown_table
 from qa_pipeline.defs.assets import qa_pairs
 from qa_pipeline.defs.resources import LLMResource, StorageResource
-
-JUDGE_BASE_URL_ENV = "QA_PIPELINE_JUDGE_BASE_URL"
-JUDGE_MODEL_ENV = "QA_PIPELINE_JUDGE_MODEL"
 
 
 class JudgeConfig(dg.Config):
@@ -55,14 +50,6 @@ async def judged_sample(
 
 
 @dg.definitions
-def judge_resources() -> dg.Definitions:
-    """The judge is a second client; unset judge variables fall back to the generator's (read at load)."""
-    return dg.Definitions(
-        assets=[judged_sample],
-        resources={
-            "judge": LLMResource(
-                base_url=os.environ.get(JUDGE_BASE_URL_ENV) or None,
-                model=os.environ.get(JUDGE_MODEL_ENV) or None,
-            )
-        }
-    )
+def quality_definitions() -> dg.Definitions:
+    """The judge resource is defined with the others (defs/resources.py)."""
+    return dg.Definitions(assets=[judged_sample])

@@ -2,26 +2,19 @@
 
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import dagster as dg
-from pydantic import PrivateAttr, SecretStr
+from pydantic import PrivateAttr
 
-from qa_pipeline.core.client import (
-    DEFAULT_REQUEST_TIMEOUT_S,
-    REQUEST_TIMEOUT_ENV,
-    ClientConfig,
-    LLMClient,
-    seconds_from_env,
-)
+from qa_pipeline.core import settings as defaults
+from qa_pipeline.core.client import ClientConfig, LLMClient
 from qa_pipeline.core.layout import DataLayout
+from qa_pipeline.core.settings import LLMSettings, StorageSettings, secret_from_environment
 from qa_pipeline.core.storage import Storage
 
-BASE_URL_ENV = "QA_PIPELINE_LLM_BASE_URL"
-MODEL_ENV = "QA_PIPELINE_LLM_MODEL"
-API_KEY_ENV = "QA_PIPELINE_LLM_API_KEY"
+API_KEY_ENV = LLMSettings.variable("llm_api_key")
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -42,33 +35,45 @@ class StorageResource(dg.ConfigurableResource):
 class LLMResource(dg.ConfigurableResource):
     """An async client for an OpenAI-compatible server, opened once per run inside the run's event loop.
 
-    Endpoint, model and key come from QA_PIPELINE_LLM_BASE_URL (comma-separated for replicas),
-    QA_PIPELINE_LLM_MODEL and the variable named by `api_key_env_var`, unless set here. With no
-    endpoint at all, the embedded vLLM server is started (or an already running one reused).
+    The loaded definitions set endpoint, model and timeouts from the settings (QA_PIPELINE_LLM_BASE_URL,
+    comma-separated for replicas, QA_PIPELINE_LLM_MODEL, ...), so the UI shows the values in force;
+    the key is read from the variable named by `api_key_env_var` when a run starts and is never part
+    of the configuration. With no endpoint, the embedded vLLM server is started (or the running one
+    reused); it keeps running for the next runs until `qa-pipeline embedded stop`.
     """
 
     base_url: str | None = None
     model: str | None = None
     api_key_env_var: str = API_KEY_ENV
-    request_timeout_s: float | None = None  # None: $QA_PIPELINE_REQUEST_TIMEOUT_S, else 300
-    connect_timeout_s: float = 10.0
+    request_timeout_s: defaults.Seconds = defaults.DEFAULT_REQUEST_TIMEOUT_S
+    stall_timeout_s: defaults.Seconds = defaults.DEFAULT_STALL_TIMEOUT_S
+    connect_timeout_s: defaults.Seconds = 10.0
     max_retries: int = 4
     backoff_base_s: float = 0.5
     data_dir: str | None = None
 
     _client: LLMClient | None = PrivateAttr(default=None)
 
+    @classmethod
+    def from_settings(cls, settings: LLMSettings, data_dir: str | None = None, judge: bool = False) -> "LLMResource":
+        """The generator's client as the settings say (or the judge's, which falls back on the generator's)."""
+        base_url, model = settings.llm_base_url, settings.llm_model
+        if judge:
+            base_url, model = settings.judge_base_url or base_url, settings.judge_model or model
+        return cls(
+            base_url=base_url,
+            model=model,
+            request_timeout_s=settings.request_timeout_s,
+            stall_timeout_s=settings.stall_timeout_s,
+            data_dir=data_dir,
+        )
+
     def client_config(self, base_urls: list[str], model: str | None) -> ClientConfig:
-        key = os.environ.get(self.api_key_env_var)
         return ClientConfig(
             base_urls=base_urls,
             model=model,
-            api_key=SecretStr(key) if key else None,
-            request_timeout_s=(
-                self.request_timeout_s
-                if self.request_timeout_s is not None
-                else seconds_from_env(REQUEST_TIMEOUT_ENV, DEFAULT_REQUEST_TIMEOUT_S)
-            ),
+            api_key=secret_from_environment(self.api_key_env_var),
+            request_timeout_s=self.request_timeout_s,
             connect_timeout_s=self.connect_timeout_s,
             max_retries=self.max_retries,
             backoff_base_s=self.backoff_base_s,
@@ -77,8 +82,7 @@ class LLMResource(dg.ConfigurableResource):
     @asynccontextmanager
     async def yield_for_execution(self, context: dg.InitResourceContext) -> AsyncIterator["LLMResource"]:
         log = context.log.info if context.log else print
-        base_url = self.base_url or os.environ.get(BASE_URL_ENV)
-        model = self.model or os.environ.get(MODEL_ENV) or None
+        base_url, model = self.base_url, self.model
         if base_url:
             base_urls = ClientConfig.parse_base_urls(base_url)
         else:
@@ -103,4 +107,13 @@ class LLMResource(dg.ConfigurableResource):
 
 @dg.definitions
 def resources() -> dg.Definitions:
-    return dg.Definitions(resources={"llm": LLMResource(), "storage": StorageResource()})
+    """The resources as the environment configures them (read when the code location loads)."""
+    layout = DataLayout.from_settings(StorageSettings.load())
+    llm = LLMSettings.load()
+    return dg.Definitions(
+        resources={
+            "llm": LLMResource.from_settings(llm, data_dir=str(layout.root)),
+            "judge": LLMResource.from_settings(llm, data_dir=str(layout.root), judge=True),
+            "storage": StorageResource(data_dir=str(layout.root), sources_dir=str(layout.sources_dir)),
+        }
+    )

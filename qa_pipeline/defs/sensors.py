@@ -6,23 +6,22 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 
+from qa_pipeline.core.chunking import document_problem
 from qa_pipeline.core.documents import SourceChanges, compare_sources, discover_documents
 from qa_pipeline.core.layout import DataLayout
+from qa_pipeline.core.run_ranges import partition_ranges
+from qa_pipeline.core.settings import RunSettings
 from qa_pipeline.core.registry import plan_deletions, record_added, record_deleted
 from qa_pipeline.core.storage import Storage
 from qa_pipeline.defs.assets import chunks, qa_pairs, quality_report, source_documents
-from qa_pipeline.defs.partitions import documents
+from qa_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, documents
 from qa_pipeline.defs.resources import StorageResource
-
-SENSOR_INTERVAL_ENV = "QA_PIPELINE_SOURCES_SENSOR_INTERVAL_S"
-DEFAULT_SENSOR_INTERVAL_S = 60
 
 # Every run started by change detection carries this tag (the CLI's runs carry launched_by=cli), so
 # the run queue can limit them: see `tag_concurrency_limits` in deploy/dagster-dev.yaml.
@@ -137,17 +136,52 @@ def refusal_to_empty(changes: SourceChanges, layout: DataLayout) -> str | None:
     return plan.notice if plan.kept else None
 
 
-def regeneration_requests(changes: SourceChanges, run_keys: bool = False) -> list[dg.RunRequest]:
-    """One run of `chunks` + `qa_pairs` per new or changed document (`quality_report_sensor` follows)."""
-    return [
-        dg.RunRequest(
-            run_key=key if run_keys else None,
-            asset_selection=[chunks.key, qa_pairs.key],
-            partition_key=key,
-            tags={LAUNCHED_BY_TAG: SOURCE_CHANGE, CONTENT_HASH_TAG: changes.hashes[key]},
-        )
-        for key in changes.to_generate
-    ]
+def regeneration_requests(
+    changes: SourceChanges,
+    instance: dg.DagsterInstance,
+    layout: DataLayout,
+    settings: RunSettings,
+    run_keys: bool = False,
+) -> list[dg.RunRequest]:
+    """Runs of `chunks` + `qa_pairs` over the new and changed documents together (`quality_report_sensor`
+    follows), up to `settings.documents_per_run` documents a run.
+
+    A run names a range of partitions, so it spans the unchanged documents between two changed
+    ones: they are published again from their cache without a request, which costs far less than a
+    run per stretch of changed documents. A document that cannot be read gets a run of its own, so
+    that it fails alone instead of holding back the others' generation.
+    """
+    unreadable = set(unreadable_documents(layout, changes.to_generate))
+    order = [key for key in instance.get_dynamic_partitions(documents.name) if key not in changes.removed]
+    order += [key for key in changes.added if key not in order]
+    per_run = None if settings.documents_per_run == "all" else settings.documents_per_run
+    groups = partition_ranges([k for k in changes.to_generate if k not in unreadable], order, per_run, span_gaps=True)
+    groups += [[key] for key in changes.to_generate if key in unreadable]
+    requests = []
+    for keys in groups:
+        generated = [key for key in keys if key in changes.hashes and key in set(changes.to_generate)]
+        digest = hashlib.sha256(
+            json.dumps({key: changes.hashes[key] for key in generated}, sort_keys=True).encode("utf-8")
+        ).hexdigest()[:16]
+        tags = {LAUNCHED_BY_TAG: SOURCE_CHANGE, CONTENT_HASH_TAG: digest}
+        if len(keys) == 1:
+            requests.append(
+                dg.RunRequest(run_key=f"{keys[0]}@{digest}" if run_keys else None, asset_selection=[chunks.key, qa_pairs.key], partition_key=keys[0], tags=tags)
+            )
+        else:
+            tags.update({RANGE_START_TAG: keys[0], RANGE_END_TAG: keys[-1]})
+            requests.append(
+                dg.RunRequest(run_key=f"{keys[0]}..{keys[-1]}@{digest}" if run_keys else None, asset_selection=[chunks.key, qa_pairs.key], tags=tags)
+            )
+    return requests
+
+
+def unreadable_documents(layout: DataLayout, keys: Sequence[str]) -> list[str]:
+    """The documents among `keys` that cannot be read or chunked (bad encoding, binary, empty...)."""
+    if not keys:
+        return []
+    sources = {source.key: source for source in discover_documents(layout.sources_dir)}
+    return [key for key in keys if key in sources and document_problem(sources[key]) is not None]
 
 
 def source_observations(changes: SourceChanges) -> list[dg.AssetObservation]:
@@ -172,17 +206,30 @@ def describe(changes: SourceChanges) -> str:
     return "documents: " + "; ".join(parts) if parts else "no document changed"
 
 
-@dg.sensor(
-    target=REGENERATION_TARGET,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=int(os.environ.get(SENSOR_INTERVAL_ENV) or DEFAULT_SENSOR_INTERVAL_S),
-    description=(
-        "Hashes every file under the sources folder: a new or changed document regenerates its own "
-        "partition (chunks, qa_pairs; the cache makes unchanged chunks free), a deleted one loses its "
-        f"partition and outputs. Interval: ${SENSOR_INTERVAL_ENV} (default {DEFAULT_SENSOR_INTERVAL_S} s)."
-    ),
-)
-def source_documents_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
+def build_source_documents_sensor(settings: RunSettings) -> dg.SensorDefinition:
+    """The sources sensor, ticking every QA_PIPELINE_SOURCES_SENSOR_INTERVAL_S seconds (default 60)."""
+
+    @dg.sensor(
+        name="source_documents_sensor",
+        target=REGENERATION_TARGET,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=settings.sources_sensor_interval_s,
+        description=(
+            "Hashes every file under the sources folder: new and changed documents regenerate their "
+            "partitions together, in runs of many documents (chunks, qa_pairs; the cache makes unchanged "
+            "chunks free); a deleted one loses its partition and outputs. Interval: "
+            f"{settings.sources_sensor_interval_s} s (QA_PIPELINE_SOURCES_SENSOR_INTERVAL_S)."
+        ),
+    )
+    def sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
+        return source_documents_tick(context, storage, settings)
+
+    return sensor
+
+
+def source_documents_tick(
+    context: dg.SensorEvaluationContext, storage: StorageResource, settings: RunSettings
+) -> dg.SensorResult:
     """Observes the folder by content hash, with a cursor of key → hash the pipeline last acted on.
 
     Why a sensor with a cursor rather than declarative automation on the observable
@@ -204,7 +251,7 @@ def source_documents_sensor(context: dg.SensorEvaluationContext, storage: Storag
     if changes:
         context.log.info(describe(changes))
     return dg.SensorResult(
-        run_requests=regeneration_requests(changes),
+        run_requests=regeneration_requests(changes, context.instance, layout, settings),
         skip_reason=None if changes else describe(changes),
         dynamic_partitions_requests=[
             *([documents.build_add_request(list(changes.added))] if changes.added else []),
@@ -287,3 +334,8 @@ def _recorded_hashes(instance: dg.DagsterInstance, keys: Sequence[str], present:
             # Either record counts: requested (observed) at this content, or built from it.
             known[key] = present[key] if present[key] in versions else versions[0]
     return known
+
+
+@dg.definitions
+def sensor_definitions() -> dg.Definitions:
+    return dg.Definitions(sensors=[build_source_documents_sensor(RunSettings.load()), quality_report_sensor])
