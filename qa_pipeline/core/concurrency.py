@@ -1,4 +1,4 @@
-"""How many requests may be in flight: a fixed limit, an adaptive one, and the gate that workers pass through."""
+"""How many requests may be in flight: a fixed limit, an adaptive one, and the gate the dispatch loop passes through."""
 
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ class AdaptiveLimit:
 
 
 class ConcurrencyGate:
-    """Admits a worker's request only while fewer than `limiter.limit` are in flight, first come first served."""
+    """Admits a request only while fewer than `limiter.limit` are in flight, first come first served."""
 
     def __init__(self, limiter: ConcurrencyLimit):
         self.limiter = limiter
@@ -231,7 +231,8 @@ class ConcurrencyGate:
         self.peak_in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    async def __aenter__(self) -> None:
+    async def acquire(self) -> None:
+        """Waits for a slot; a caller cancelled while waiting holds none."""
         if not self._waiters and self.in_flight < self.limiter.limit:
             self._admit()
             return
@@ -242,15 +243,20 @@ class ConcurrencyGate:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 # Admitted just as it was cancelled: hand the slot on.
-                self.in_flight -= 1
-                self._wake()
+                self.release()
             else:
                 self._waiters.remove(waiter)
             raise
 
-    async def __aexit__(self, *exc_info) -> None:
+    def release(self) -> None:
         self.in_flight -= 1
         self._wake()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.release()
 
     async def limit_changed(self) -> None:
         self._wake()

@@ -1,4 +1,4 @@
-"""QA generation over many chunks: a work queue of requests, journaled as each chunk finishes."""
+"""QA generation over many chunks: one dispatch loop of requests, journaled as each chunk finishes."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from pydantic import BaseModel
 
 from qa_pipeline.core.client import ChatOutcome, LLMClient
 from qa_pipeline.core.concurrency import ConcurrencyGate, ConcurrencyLimit
+from qa_pipeline.core.dispatch import Dispatcher
+from qa_pipeline.core.dispatch import StalledError as StalledError  # raised by Generator.run
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.progress import Progress
 from qa_pipeline.core.prompts import (
@@ -53,10 +55,6 @@ class ChunkTask:
     chunk_id: str
     content: str
     heading_path: tuple[str, ...] = ()
-
-
-class StalledError(RuntimeError):
-    """No chunk finished for longer than the configured stall timeout."""
 
 
 class GenerationInterrupted(RuntimeError):
@@ -217,7 +215,7 @@ def _interrupted(progress: Progress, abandoned: int) -> GenerationInterrupted:
 
 
 class Generator:
-    """Sends every chunk that has no finished result yet, through one queue, as fast as the limit allows."""
+    """Sends every chunk that has no finished result yet, through the dispatch loop, as fast as the limit allows."""
 
     def __init__(
         self,
@@ -332,7 +330,7 @@ class Generator:
                 stack.enter_context(stop_on_signals(stop, abandon, self.log))
                 for journal in journals.values():
                     stack.enter_context(journal)
-                await self._drain(todo, model, journals, finished, progress, report, stop, abandon, chunk_done)
+                await self._dispatch(todo, model, journals, finished, progress, report, stop, abandon, chunk_done)
             report.duration_s = time.monotonic() - started
             report.output_tokens = progress.output_tokens
             await asyncio.gather(*hooks)
@@ -349,76 +347,45 @@ class Generator:
             progress.finish()
         return report
 
-    async def _drain(self, todo, model, journals, finished, progress, report, stop, abandon, chunk_done) -> None:
-        queue: asyncio.Queue = asyncio.Queue()
-        for item in todo:
-            queue.put_nowait(item)
-        gate = ConcurrencyGate(self.limiter)
-        last_finish = time.monotonic()
+    async def _dispatch(self, todo, model, journals, finished, progress, report, stop, abandon, chunk_done) -> None:
+        """Sends every chunk through the dispatch loop, journaling each result as it comes."""
+        endpoints = ", ".join(e.base_url for e in self.client.endpoints)
+        dispatcher = Dispatcher(
+            self.limiter,
+            stop=stop,
+            abandon=abandon,
+            stop_grace_s=self.stop_grace_s,
+            stall_timeout_s=self.stall_timeout_s,
+            stall_message=lambda in_flight: (
+                f"STALLED: no chunk finished in {self.stall_timeout_s:g} s "
+                f"({progress.done}/{progress.total} done, {in_flight} requests in flight to {endpoints}). "
+                "Finished chunks are saved; check the server and re-run to resume."
+            ),
+            log=self.log,
+        )
 
-        async def worker() -> None:
-            nonlocal last_finish
-            while not stop.is_set():
-                try:
-                    task, messages, key = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                async with gate:
-                    if stop.is_set():
-                        return
-                    report.sent += 1
-                    result, output_tokens = await self._ask(task, messages, key, model)
-                journals[task.document].append(result)
-                finished[task.document][key] = result
-                chunk_done(task.document)
-                last_finish = time.monotonic()
-                progress.advance(failed=not result.ok, output_tokens=output_tokens)
-                if not result.ok:
-                    self.log(f"chunk {task.chunk_id} of {task.document} failed: {result.reason}: {result.detail}")
+        async def ask(item) -> tuple[ChunkResult, int]:
+            task, messages, key = item
+            report.sent += 1
+            return await self._ask(task, messages, key, model)
 
-        workers = [asyncio.create_task(worker()) for _ in range(max(1, min(self.limiter.max_limit, len(todo))))]
-        monitor = asyncio.create_task(self._monitor(gate, progress, report, started=time.monotonic()))
+        def answered(item, answer: tuple[ChunkResult, int]) -> None:
+            (task, _, key), (result, output_tokens) = item, answer
+            journals[task.document].append(result)
+            finished[task.document][key] = result
+            chunk_done(task.document)
+            progress.advance(failed=not result.ok, output_tokens=output_tokens)
+            if not result.ok:
+                self.log(f"chunk {task.chunk_id} of {task.document} failed: {result.reason}: {result.detail}")
+
+        monitor = asyncio.create_task(self._monitor(dispatcher.gate, progress, report, started=time.monotonic()))
         try:
-            while True:
-                done, _ = await asyncio.wait(workers, timeout=1.0)
-                if len(done) == len(workers):
-                    break
-                if time.monotonic() - last_finish > self.stall_timeout_s:
-                    raise StalledError(
-                        f"STALLED: no chunk finished in {self.stall_timeout_s:g} s "
-                        f"({progress.done}/{progress.total} done, {gate.in_flight} requests in flight to "
-                        f"{', '.join(e.base_url for e in self.client.endpoints)}). Finished chunks are saved; "
-                        "check the server and re-run to resume."
-                    )
-                if stop.is_set():
-                    abandoned = await self._finish_in_flight(workers, abandon)
-                    raise _interrupted(progress, abandoned)
-            for w in workers:
-                w.result()
-            if progress.done < progress.total:  # the workers saw the stop before this loop did
-                raise _interrupted(progress, 0)
+            dispatched = await dispatcher.run(todo, ask, on_done=answered)
         finally:
             monitor.cancel()
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, monitor, return_exceptions=True)
-
-    async def _finish_in_flight(self, workers, abandon: asyncio.Event) -> int:
-        """Let requests already sent finish (their results are journaled) for up to `stop_grace_s`,
-        or until `abandon` is set; returns how many are still in flight and will be abandoned."""
-        pending = {w for w in workers if not w.done()}
-        abandoned = asyncio.create_task(abandon.wait())
-        try:
-            deadline = time.monotonic() + self.stop_grace_s
-            while pending and not abandon.is_set() and (left := deadline - time.monotonic()) > 0:
-                self.log(f"waiting up to {left:.0f} s for {len(pending)} requests in flight")
-                _, pending = await asyncio.wait(
-                    pending | {abandoned}, timeout=min(left, 10.0), return_when=asyncio.FIRST_COMPLETED
-                )
-                pending.discard(abandoned)
-        finally:
-            abandoned.cancel()
-        return len(pending)
+            await asyncio.gather(monitor, return_exceptions=True)
+        if dispatched.stopped or progress.done < progress.total:
+            raise _interrupted(progress, dispatched.abandoned)
 
     async def _ask(self, task: ChunkTask, messages, key: str, model: str) -> tuple[ChunkResult, int]:
         """The result for one chunk and the output tokens it cost.

@@ -3,7 +3,6 @@ measures how well the verdicts agree with the heuristic scores."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -13,6 +12,8 @@ import polars as pl
 from pydantic import BaseModel, Field, ValidationError
 
 from qa_pipeline.core.client import LLMClient
+from qa_pipeline.core.concurrency import FixedLimit
+from qa_pipeline.core.dispatch import Dispatcher
 from qa_pipeline.core.prompts import PASSAGE_CLOSE, PASSAGE_OPEN, FailureReason, ParseError, response_format
 from qa_pipeline.core.quality import QualityThresholds
 from qa_pipeline.core.storage import JUDGEMENTS_SCHEMA, Storage
@@ -98,18 +99,16 @@ async def judge_pairs(
     """`judgements` rows: one verdict per sampled pair, or the reason there is none."""
     thresholds = thresholds or QualityThresholds()
     schema = response_format(Judgement, name="judgement")
-    gate = asyncio.Semaphore(max(1, concurrency))
     model = client.model or await client.resolve_model()
 
     async def judge(row: dict) -> dict:
-        async with gate:
-            outcome = await client.chat(
-                build_judge_messages(row["content"], row["question"], row["answer"]),
-                response_format=schema,
-                max_tokens=max_tokens,
-                temperature=0.0,
-                seed=0,
-            )
+        outcome = await client.chat(
+            build_judge_messages(row["content"], row["question"], row["answer"]),
+            response_format=schema,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            seed=0,
+        )
         verdict, reason, detail = None, outcome.failure_reason, outcome.error
         if outcome.ok:
             try:
@@ -142,8 +141,12 @@ async def judge_pairs(
             ),
         }
 
-    rows = await asyncio.gather(*(judge(row) for row in sample.iter_rows(named=True)))
-    return pl.DataFrame(rows, schema=JUDGEMENTS_SCHEMA)
+    rows = list(sample.iter_rows(named=True))
+    verdicts: dict[int, dict] = {}
+    await Dispatcher(FixedLimit(max(1, concurrency))).run(
+        range(len(rows)), lambda index: judge(rows[index]), on_done=verdicts.__setitem__
+    )
+    return pl.DataFrame([verdicts[index] for index in range(len(rows))], schema=JUDGEMENTS_SCHEMA)
 
 
 def agreement(judgements: pl.DataFrame) -> tuple[dict[str, float | int | None], pl.DataFrame]:
