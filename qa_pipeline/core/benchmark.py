@@ -1,4 +1,5 @@
-"""Concurrency sweep: throughput, latency and server load per level, and the level to use."""
+"""Concurrency sweep through the production dispatch loop: sustained throughput, latency and server
+load per level, and the level to use."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import polars as pl
 
-from qa_pipeline.core.client import LLMClient, ServerMetrics
+from qa_pipeline.core.client import ChatOutcome, LLMClient, ServerMetrics
+from qa_pipeline.core.concurrency import FixedLimit
+from qa_pipeline.core.dispatch import Dispatcher
 from qa_pipeline.core.generation import GenerationSettings
 from qa_pipeline.core.prompts import ParseError, parse_pairs, response_format
 from qa_pipeline.core.storage import BENCHMARK_SCHEMA, Storage
@@ -20,9 +23,18 @@ from qa_pipeline.core.storage import BENCHMARK_SCHEMA, Storage
 DEFAULT_LEVELS: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
 
 
+@dataclass(frozen=True)
+class RequestSpan:
+    """One benchmark request: when it was sent and answered (time.monotonic()) and what it produced."""
+
+    sent_at: float
+    answered_at: float
+    output_tokens: int
+
+
 @dataclass
 class LevelResult:
-    """What one concurrency level achieved."""
+    """What one concurrency level achieved: over the whole level, and sustained (see `sustained_window`)."""
 
     concurrency: int
     requests: int = 0
@@ -32,6 +44,9 @@ class LevelResult:
     output_tokens: int = 0
     latencies: list[float] = field(default_factory=list)
     metrics: list[ServerMetrics] = field(default_factory=list)
+    sustained_s: float = 0.0  # length of the steady-state window; 0 when the level had none
+    sustained_requests: float = 0.0
+    sustained_output_tokens: float = 0.0
 
     @property
     def success_rate(self) -> float:
@@ -39,11 +54,27 @@ class LevelResult:
 
     @property
     def requests_per_s(self) -> float:
+        """Over the whole level, ramp-up and drain included."""
         return self.requests / self.duration_s if self.duration_s else 0.0
 
     @property
     def output_tokens_per_s(self) -> float:
+        """Over the whole level, ramp-up and drain included."""
         return self.output_tokens / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def sustained_requests_per_s(self) -> float | None:
+        return self.sustained_requests / self.sustained_s if self.sustained_s > 0 else None
+
+    @property
+    def sustained_output_tokens_per_s(self) -> float | None:
+        return self.sustained_output_tokens / self.sustained_s if self.sustained_s > 0 else None
+
+    @property
+    def steady_output_tokens_per_s(self) -> float:
+        """The sustained rate; the whole-level rate for a level too short to have a steady state."""
+        sustained = self.sustained_output_tokens_per_s
+        return self.output_tokens_per_s if sustained is None else sustained
 
     def latency_percentile(self, q: float) -> float | None:
         if not self.latencies:
@@ -65,6 +96,39 @@ def requests_for_level(level: int, minimum: int = 8, per_slot: int = 3) -> int:
     return max(minimum, per_slot * level)
 
 
+def sustained_window(spans: Sequence[RequestSpan], level: int, last_sent_at: float | None) -> tuple[float, float] | None:
+    """The steady state of a level: from its `level`-th answer to the moment its last request was sent.
+
+    Before it, the level's first `level` requests, all sent at once, are still being answered (the
+    ramp-up: a synchronized wave, not yet the staggered mix of a long run); after it nothing new is
+    sent and the in-flight count only falls (the drain). Inside it the dispatch loop keeps exactly
+    `level` requests in flight. None when the level was too short to have one.
+    """
+    answers = sorted(span.answered_at for span in spans)
+    if last_sent_at is None or len(answers) < level:
+        return None
+    start = answers[level - 1]
+    return (start, last_sent_at) if last_sent_at > start else None
+
+
+def rates_in_window(spans: Sequence[RequestSpan], start: float, end: float) -> tuple[float, float]:
+    """Requests and output tokens inside [start, end]: each request counts in proportion to the part
+    of its own span (sent to answered) that falls inside, since a server works on a request for its
+    whole span. A time average of this kind equals the completion rate (Little's law), without the
+    lumps of counting whole answers in a short window."""
+    requests = tokens = 0.0
+    for span in spans:
+        length = span.answered_at - span.sent_at
+        overlap = min(end, span.answered_at) - max(start, span.sent_at)
+        if length <= 0:
+            share = 1.0 if start <= span.answered_at < end else 0.0
+        else:
+            share = max(0.0, overlap) / length
+        requests += share
+        tokens += share * span.output_tokens
+    return requests, tokens
+
+
 async def run_level(
     client: LLMClient,
     prompts: Sequence[list[dict]],
@@ -74,34 +138,38 @@ async def run_level(
     max_seconds: float,
     metrics_interval_s: float = 0.5,
 ) -> LevelResult:
-    """Keeps `level` requests in flight (a queue, not batches) and samples the server meanwhile."""
+    """Sends `n_requests` through the dispatch loop at a fixed limit of `level`, as generation does,
+    sampling the server meanwhile; no request starts after `max_seconds`, those in flight finish."""
     result = LevelResult(concurrency=level)
     schema = response_format()
-    next_index = 0
-    started = time.monotonic()
+    spans: list[RequestSpan] = []
+    stop = asyncio.Event()
+    dispatcher = Dispatcher(FixedLimit(level), stop=stop)
 
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < n_requests and time.monotonic() - started < max_seconds:
-            messages = prompts[next_index % len(prompts)]
-            next_index += 1
-            outcome = await client.chat(
-                messages,
-                response_format=schema,
-                max_tokens=settings.max_tokens,
-                temperature=settings.temperature,
-                seed=settings.seed,
-            )
-            result.requests += 1
-            result.latencies.append(outcome.latency_s)
-            result.output_tokens += outcome.completion_tokens
-            if outcome.ok:
-                result.successes += 1
-                try:
-                    parse_pairs(outcome.content, outcome.finish_reason)
-                    result.valid += 1
-                except ParseError:
-                    pass
+    async def send(messages: list[dict]) -> tuple[ChatOutcome, RequestSpan]:
+        sent_at = time.monotonic()
+        outcome = await client.chat(
+            messages,
+            response_format=schema,
+            max_tokens=settings.max_tokens,
+            temperature=settings.temperature,
+            seed=settings.seed,
+        )
+        return outcome, RequestSpan(sent_at, time.monotonic(), outcome.completion_tokens)
+
+    def answered(_: list[dict], sent: tuple[ChatOutcome, RequestSpan]) -> None:
+        outcome, span = sent
+        spans.append(span)
+        result.requests += 1
+        result.latencies.append(outcome.latency_s)
+        result.output_tokens += outcome.completion_tokens
+        if outcome.ok:
+            result.successes += 1
+            try:
+                parse_pairs(outcome.content, outcome.finish_reason)
+                result.valid += 1
+            except ParseError:
+                pass
 
     async def sampler() -> None:
         while True:
@@ -111,12 +179,18 @@ async def run_level(
             await asyncio.sleep(metrics_interval_s)
 
     sampling = asyncio.create_task(sampler())
+    deadline = asyncio.get_running_loop().call_later(max_seconds, stop.set)
     try:
-        await asyncio.gather(*(worker() for _ in range(level)))
+        dispatched = await dispatcher.run((prompts[i % len(prompts)] for i in range(n_requests)), send, answered)
     finally:
+        deadline.cancel()
         sampling.cancel()
         await asyncio.gather(sampling, return_exceptions=True)
-    result.duration_s = time.monotonic() - started
+    result.duration_s = dispatched.ended_at - dispatched.began_at
+    window = sustained_window(spans, level, dispatched.last_start_at)
+    if window is not None:
+        result.sustained_s = window[1] - window[0]
+        result.sustained_requests, result.sustained_output_tokens = rates_in_window(spans, *window)
     return result
 
 
@@ -136,8 +210,11 @@ async def sweep(
         n = requests_for_level(level)
         log(f"concurrency benchmark: level {level} ({position}/{len(set(levels))}), {n} requests")
         result = await run_level(client, prompts, level, settings, n, max_seconds_per_level)
+        sustained = result.sustained_output_tokens_per_s
         log(
-            f"concurrency benchmark: level {level}: {result.output_tokens_per_s:.1f} output tok/s, "
+            f"concurrency benchmark: level {level}: "
+            + ("no steady state (too few requests), " if sustained is None else f"{sustained:.1f} output tok/s sustained, ")
+            + f"{result.output_tokens_per_s:.1f} over the whole level, "
             f"{result.requests_per_s:.2f} req/s, success {result.success_rate:.0%}, "
             f"p50 {result.latency_percentile(50) or 0:.2f} s"
         )
@@ -146,13 +223,13 @@ async def sweep(
 
 
 def recommend_level(results: Sequence[LevelResult], tolerance: float = 0.05, min_success_rate: float = 0.9) -> int:
-    """The smallest level whose throughput is within `tolerance` of the best healthy level."""
-    healthy = [r for r in results if r.success_rate >= min_success_rate and r.output_tokens_per_s > 0]
+    """The smallest level whose sustained throughput is within `tolerance` of the best healthy level's."""
+    healthy = [r for r in results if r.success_rate >= min_success_rate and r.steady_output_tokens_per_s > 0]
     candidates = healthy or [r for r in results if r.requests]
     if not candidates:
         raise ValueError("no benchmark level completed a request; cannot recommend a concurrency")
-    best = max(r.output_tokens_per_s for r in candidates)
-    return min(r.concurrency for r in candidates if r.output_tokens_per_s >= (1 - tolerance) * best)
+    best = max(r.steady_output_tokens_per_s for r in candidates)
+    return min(r.concurrency for r in candidates if r.steady_output_tokens_per_s >= (1 - tolerance) * best)
 
 
 def results_frame(
@@ -176,6 +253,9 @@ def results_frame(
             "duration_s": r.duration_s,
             "requests_per_s": r.requests_per_s,
             "output_tokens_per_s": r.output_tokens_per_s,
+            "sustained_s": r.sustained_s,
+            "sustained_requests_per_s": r.sustained_requests_per_s,
+            "sustained_output_tokens_per_s": r.sustained_output_tokens_per_s,
             "latency_p50_s": r.latency_percentile(50),
             "latency_p95_s": r.latency_percentile(95),
             "latency_p99_s": r.latency_percentile(99),
@@ -194,7 +274,7 @@ def results_frame(
 
 
 def plot_sweep(frame: pl.DataFrame, path: Path) -> Path:
-    """Throughput and p50/p95 latency against concurrency, as a PNG."""
+    """Throughput (sustained and whole-level) and p50/p95 latency against concurrency, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,7 +282,12 @@ def plot_sweep(frame: pl.DataFrame, path: Path) -> Path:
 
     levels = frame["concurrency"].to_list()
     fig, throughput_axis = plt.subplots(figsize=(7, 4), dpi=100)
-    throughput_axis.plot(levels, frame["output_tokens_per_s"].to_list(), "o-", color="tab:blue", label="output tok/s")
+    # A level without a steady state has no sustained figure: a gap in that line.
+    sustained = frame["sustained_output_tokens_per_s"].fill_null(float("nan")).to_list()
+    throughput_axis.plot(levels, sustained, "o-", color="tab:blue", label="output tok/s, sustained")
+    throughput_axis.plot(
+        levels, frame["output_tokens_per_s"].to_list(), "o:", color="tab:blue", alpha=0.5, label="output tok/s, whole level"
+    )
     throughput_axis.set_xscale("log", base=2)
     throughput_axis.set_xlabel("concurrency (requests in flight)")
     throughput_axis.set_ylabel("output tokens/s", color="tab:blue")

@@ -61,6 +61,11 @@ BENCHMARK_SCHEMA: dict[str, pl.DataType] = {
     "duration_s": pl.Float64(),
     "requests_per_s": pl.Float64(),
     "output_tokens_per_s": pl.Float64(),
+    # The steady state of the level, without ramp-up and drain (see core.benchmark.sustained_window);
+    # null rates when the level was too short to have one. The recommendation is based on these.
+    "sustained_s": pl.Float64(),
+    "sustained_requests_per_s": pl.Float64(),
+    "sustained_output_tokens_per_s": pl.Float64(),
     "latency_p50_s": pl.Float64(),
     "latency_p95_s": pl.Float64(),
     "latency_p99_s": pl.Float64(),
