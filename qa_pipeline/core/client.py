@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import time
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field, SecretStr
 
 from qa_pipeline.core.prompts import FailureReason
@@ -107,28 +109,42 @@ class ServerMetrics:
 _METRIC_ALIASES = {
     "running": ("vllm:num_requests_running", "llamacpp:requests_processing"),
     "waiting": ("vllm:num_requests_waiting", "llamacpp:requests_deferred"),
-    "kv_cache_usage": ("vllm:kv_cache_usage_perc", "llamacpp:kv_cache_usage_ratio"),
+    "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "llamacpp:kv_cache_usage_ratio"),
     "generation_tokens_total": ("vllm:generation_tokens_total", "llamacpp:tokens_predicted_total"),
 }
+# Usage ratios are per engine (vLLM with data parallelism reports one series per engine): two engines
+# half full are a server half full, not a full one. Every other figure is a count and adds up.
+_FULLEST_ENGINE = frozenset(_METRIC_ALIASES["kv_cache_usage"])
 
 
-def parse_prometheus(text: str) -> ServerMetrics:
-    """Sum each metric over its labels; keep the figures qa_pipeline steers by."""
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_part, _, value = line.rpartition(" ")
-        name = name_part.split("{", 1)[0].strip()
-        try:
-            totals[name] = totals.get(name, 0.0) + float(value)
-        except ValueError:
-            continue
+def combine_samples(name: str, values: Sequence[float]) -> float:
+    """One figure from a metric's series (engines, replicas): the fullest for usage ratios, else the sum."""
+    return max(values) if name in _FULLEST_ENGINE else sum(values)
+
+
+def parse_prometheus(text: str, model: str | None = None) -> ServerMetrics:
+    """The figures qa_pipeline steers by, from a Prometheus text page, each combined over its series by
+    `combine_samples`. With `model`, a server serving several models is read for that one only: series
+    labelled with another `model_name` are left out. vLLM labels every series with its first served
+    name, so when no series names `model` (it is served under an alias) all are read.
+    Raises ValueError for a page that is not Prometheus text."""
+    samples = [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not math.isnan(sample.value)
+    ]
+    if model is not None and any(sample.labels.get("model_name") == model for sample in samples):
+        samples = [sample for sample in samples if sample.labels.get("model_name", model) == model]
+    series: dict[str, list[float]] = {}
+    for sample in samples:
+        series.setdefault(sample.name, []).append(float(sample.value))
+    combined = {name: combine_samples(name, values) for name, values in series.items()}
     picked = {
-        field_name: next((totals[a] for a in aliases if a in totals), None)
+        field_name: next((combined[a] for a in aliases if a in combined), None)
         for field_name, aliases in _METRIC_ALIASES.items()
     }
-    return ServerMetrics(**picked, raw=totals)
+    return ServerMetrics(**picked, raw=combined)
 
 
 class EndpointLimit(Protocol):
@@ -433,9 +449,13 @@ class LLMClient:
             async with self.session.get(f"{root}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as response:
                 if response.status != 200:
                     return None
-                return parse_prometheus(await response.text())
+                text = await response.text()
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return None
+        try:
+            return parse_prometheus(text, self.model)
+        except ValueError:
+            return None  # not a metrics page (a proxy's HTML, say): as if the server had none
 
     # -- chat ------------------------------------------------------------------------------
 
@@ -557,23 +577,19 @@ class LLMClient:
 
 
 def _combine_metrics(read: list[ServerMetrics]) -> ServerMetrics:
-    """Several replicas' figures as one: counts summed, KV cache usage the fullest one's."""
+    """Several replicas' figures as one, as `combine_samples` combines a server's engines."""
 
-    def total(name: str) -> float | None:
+    def combined(name: str) -> float | None:
         values = [v for m in read if (v := getattr(m, name)) is not None]
-        return sum(values) if values else None
+        return combine_samples(_METRIC_ALIASES[name][0], values) if values else None
 
-    kv = [m.kv_cache_usage for m in read if m.kv_cache_usage is not None]
-    raw: dict[str, float] = {}
+    raw: dict[str, list[float]] = {}
     for metrics in read:
         for name, value in metrics.raw.items():
-            raw[name] = raw.get(name, 0.0) + value
+            raw.setdefault(name, []).append(value)
     return ServerMetrics(
-        running=total("running"),
-        waiting=total("waiting"),
-        kv_cache_usage=max(kv) if kv else None,
-        generation_tokens_total=total("generation_tokens_total"),
-        raw=raw,
+        **{name: combined(name) for name in _METRIC_ALIASES},
+        raw={name: combine_samples(name, values) for name, values in raw.items()},
     )
 
 
