@@ -64,13 +64,15 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"qa-pipeline run: {error}", file=sys.stderr)
         return 2
     if outcome.stopped == "interrupted" or signals.received:
-        for document, reason in outcome.failed.items():
-            print(f"  FAILED {document}: {reason}", file=sys.stderr)
+        _print_failures(outcome.failed)
         print(f"qa-pipeline run: stopped by a signal. {RESUME_HINT}", file=sys.stderr)
         return 130
+    if outcome.stopped == "server":
+        print(f"qa-pipeline run: the LLM server cannot be used: {outcome.failed['LLM server']}", file=sys.stderr)
+        print(f"No request was sent. {RESUME_HINT}", file=sys.stderr)
+        return 1
     if outcome.stopped:
-        for document, reason in outcome.failed.items():
-            print(f"  FAILED {document}: {reason}", file=sys.stderr)
+        _print_failures(outcome.failed)
         if outcome.stopped == "stalled":
             stall = options.stall_timeout_s or LLMSettings.load().stall_timeout_s
             print(
@@ -85,12 +87,24 @@ def command_run(args: argparse.Namespace) -> int:
         f"qa-pipeline run: {len(outcome.succeeded)} documents done, {len(outcome.failed)} failed, "
         f"in {format_duration(time.monotonic() - started)}"
     )
-    for document, reason in outcome.failed.items():
-        print(f"  FAILED {document}: {reason}", file=sys.stderr)
+    _print_failures(outcome.failed)
     print('Query the outputs: qa-pipeline sql "SELECT * FROM qa_pairs LIMIT 5"')
     if outcome.runs:
         print(f"Dagster runs: {', '.join(run[:8] for run in outcome.runs)} (see them with `dagster dev`)")
     return 1 if outcome.failed else 0
+
+
+def _print_failures(failed: dict[str, str]) -> None:
+    """One line per failed document; documents that failed for the same reason share one line."""
+    by_reason: dict[str, list[str]] = {}
+    for document, reason in failed.items():
+        by_reason.setdefault(reason, []).append(document)
+    for reason, documents in by_reason.items():
+        if len(documents) == 1:
+            print(f"  FAILED {documents[0]}: {reason}", file=sys.stderr)
+        else:
+            named = ", ".join(documents[:5]) + (", ..." if len(documents) > 5 else "")
+            print(f"  FAILED {len(documents)} documents ({named}): {reason}", file=sys.stderr)
 
 
 def _print_checks(verdicts) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from qa_pipeline.core import settings as defaults
+from qa_pipeline.core.client import ClientConfig
 from qa_pipeline.core.documents import discover_documents
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.report import build_report
@@ -147,15 +148,12 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
         raise SystemExit(f"qa-pipeline run: no documents to process in {layout.sources_dir}")
     log(f"qa-pipeline run: {len(selected)} documents from {layout.sources_dir}")
 
-    llm_settings = LLMSettings.load(
-        flags={"request_timeout_s": "--request-timeout", "stall_timeout_s": "--stall-timeout"},
-        request_timeout_s=options.request_timeout_s,
-        stall_timeout_s=options.stall_timeout_s,
-    )
     per_run = RunSettings.load().documents_per_run
     order = instance.get_dynamic_partitions(documents_partitions.name)
     runs_of = lambda keys: partition_ranges(keys, order, None if per_run == "all" else per_run)  # noqa: E731
-    launcher = Launcher(instance, _resources_config(layout, llm_settings), _ops_config(options, llm_settings), log)
+    storage = StorageResource(data_dir=str(layout.root), sources_dir=str(layout.sources_dir))
+    resources = {"storage": {"config": storage.model_dump(exclude_none=True)}}
+    launcher = Launcher(instance, resources, {}, log)
     outcome = PipelineOutcome(runs=launcher.run_ids)
 
     chunked = _run_documents(launcher, [CHUNKS], runs_of(selected), outcome, log)
@@ -163,7 +161,25 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
         outcome.succeeded = chunked
         return outcome
 
+    # Read only now: chunking needs no LLM, so a bad LLM setting does not stop it.
+    llm_settings = LLMSettings.load(
+        flags={"request_timeout_s": "--request-timeout", "stall_timeout_s": "--stall-timeout"},
+        request_timeout_s=options.request_timeout_s,
+        stall_timeout_s=options.stall_timeout_s,
+    )
+    generator = LLMResource.from_settings(llm_settings, data_dir=str(layout.root))
+    launcher.resources["llm"] = {"config": generator.model_dump(exclude_none=True)}
+    launcher.ops = _ops_config(options, llm_settings)
+
     embedded_was_running = llm_settings.embedded and _embedded_running(layout)
+    if not llm_settings.embedded:
+        # The endpoint, the key and the model are checked once, before any run: a wrong one is said
+        # once, first, instead of failing every document in turn.
+        problem = check_server(launcher.resources["llm"]["config"])
+        if problem:
+            outcome.failed["LLM server"] = problem
+            outcome.stopped = "server"
+            return outcome
     try:
         if not options.skip_benchmark:
             result = launcher.launch([TEST_SAMPLE, BENCHMARK])
@@ -265,20 +281,29 @@ def _stop_reason(result: dg.ExecuteInProcessResult) -> str | None:
     return None
 
 
+def check_server(llm_config: dict) -> str | None:
+    """Why the configured endpoint(s) cannot serve the run (unreachable, key refused, model not served), or None."""
+    import asyncio
+
+    from qa_pipeline.core.client import LLMClient, ServerError
+
+    resource = LLMResource(**llm_config)
+
+    async def probe() -> None:
+        async with LLMClient(resource.client_config(ClientConfig.parse_base_urls(resource.base_url), resource.model)) as client:
+            await client.resolve_model()
+
+    try:
+        asyncio.run(probe())
+    except ServerError as error:
+        return str(error)
+    return None
+
+
 def _embedded_running(layout: DataLayout) -> bool:
     from qa_pipeline.core.embedded import recorded_server
 
     return recorded_server(layout) is not None
-
-
-def _resources_config(layout: DataLayout, llm: LLMSettings) -> dict:
-    """The runs' resources, every field given (run config replaces a resource's configured values)."""
-    storage = StorageResource(data_dir=str(layout.root), sources_dir=str(layout.sources_dir))
-    generator = LLMResource.from_settings(llm, data_dir=str(layout.root))
-    return {
-        "storage": {"config": storage.model_dump(exclude_none=True)},
-        "llm": {"config": generator.model_dump(exclude_none=True)},
-    }
 
 
 def _ops_config(options: PipelineOptions, llm: LLMSettings) -> dict:

@@ -31,6 +31,7 @@ from dagster_graphql.test.utils import execute_dagster_graphql
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.simulator import passage_key
 from qa_pipeline.core.storage import Storage
+from qa_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, documents
 from qa_pipeline.defs.sensors import sync_document_partitions
 from qa_pipeline_tests.conftest import REPO, cli_env, run_cli
 
@@ -122,8 +123,16 @@ class Dagster:
         return status
 
     def runs_by_partition(self, backfill_id: str) -> dict[str, dg.DagsterRun]:
+        """Each document of the backfill and the run that covered it (a run covers a range of documents)."""
         runs = self.instance.get_runs(dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
-        return {run.tags[PARTITION_NAME_TAG]: run for run in runs}
+        return {key: run for run in runs for key in self.partitions_of(run)}
+
+    def partitions_of(self, run: dg.DagsterRun) -> list[str]:
+        if PARTITION_NAME_TAG in run.tags:
+            return [run.tags[PARTITION_NAME_TAG]]
+        order = self.instance.get_dynamic_partitions("documents")
+        start, end = order.index(run.tags[RANGE_START_TAG]), order.index(run.tags[RANGE_END_TAG])
+        return order[start : end + 1]
 
 
 @contextmanager
@@ -169,9 +178,11 @@ def test_a_backfill_fails_exactly_the_bad_partitions_and_re_execution_from_failu
         first = dagster.launch_backfill(partitions)
         assert dagster.finish_backfill(first) == BulkActionStatus.COMPLETED_FAILED
         runs = dagster.runs_by_partition(first)
-        failed = {key for key, run in runs.items() if run.status == dg.DagsterRunStatus.FAILURE}
+        assert len({run.run_id for run in runs.values()}) == 1, "one run covers the ten documents"
+        statuses = dagster.instance.get_status_by_partition(dg.AssetKey("qa_pairs"), partitions, documents)
+        failed = {key for key, status in statuses.items() if status == dg.AssetPartitionStatus.FAILED}
         assert failed == {"doc-03.md", "doc-07.md"}
-        assert all(runs[key].status == dg.DagsterRunStatus.SUCCESS for key in set(partitions) - failed)
+        assert all(statuses[key] == dg.AssetPartitionStatus.MATERIALIZED for key in set(partitions) - failed)
         failures = Storage(layout).query("SELECT document, reason, http_status FROM failures ORDER BY 1").to_dicts()
         assert failures == [
             {"document": "doc-03.md", "reason": "http_error", "http_status": 500},

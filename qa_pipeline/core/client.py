@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -17,24 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field, SecretStr
 
 from qa_pipeline.core.prompts import FailureReason
+from qa_pipeline.core.settings import DEFAULT_REQUEST_TIMEOUT_S
 
 _JSON_CONTENT = {"Content-Type": "application/json"}
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-
-
-REQUEST_TIMEOUT_ENV = "QA_PIPELINE_REQUEST_TIMEOUT_S"
-DEFAULT_REQUEST_TIMEOUT_S = 300.0
-
-
-def seconds_from_env(name: str, default: float) -> float:
-    """A duration from the environment variable `name`, or `default` when it is unset or empty."""
-    value = os.environ.get(name)
-    if not value:
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r} is not a number of seconds") from None
 
 
 class ClientConfig(BaseModel):
@@ -43,7 +28,7 @@ class ClientConfig(BaseModel):
     base_urls: list[str] = Field(min_length=1, description="OpenAI-style base URLs, ending in /v1")
     model: str | None = Field(default=None, description="served model name; None = the first one served")
     api_key: SecretStr | None = None
-    request_timeout_s: float = 300.0
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     connect_timeout_s: float = 10.0
     max_retries: int = 4
     backoff_base_s: float = 0.5

@@ -25,6 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from qa_pipeline.core.layout import DataLayout
+from qa_pipeline.core.settings import child_environment
 
 MODEL_NAME = "smollm2"
 MODEL_DIR_NAME = "smollm2-135m-instruct"
@@ -158,8 +159,7 @@ def _prepared_marker(source: Path) -> dict:
 def _run_conversion(source: Path, out_dir: Path, log_file: Path, progress: Progress) -> None:
     command = [sys.executable, "-m", "qa_pipeline.core.embedded", "convert", str(source), str(out_dir)]
     package_root = str(Path(__file__).resolve().parents[2])
-    python_path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": python_path}
+    env = child_environment(OFFLINE_ENV, python_path_first=package_root)
     with open(log_file, "wb") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
     started = time.monotonic()
@@ -367,12 +367,13 @@ class EmbeddedServer:
 
     def _launch(self) -> None:
         port = _free_loopback_port()
-        env = {
-            **os.environ,
-            **OFFLINE_ENV,
-            "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
-            "VLLM_CPU_OMP_THREADS_BIND": _usable_cpus(),
-        }
+        env = child_environment(
+            {
+                **OFFLINE_ENV,
+                "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
+                "VLLM_CPU_OMP_THREADS_BIND": _usable_cpus(),
+            }
+        )
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         mode = "compiled" if self.compiled else "eager"
         self.progress(f"Starting the embedded vLLM server ({mode}) on 127.0.0.1:{port}; log: {self.log_file}")

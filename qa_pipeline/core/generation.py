@@ -31,18 +31,17 @@ from qa_pipeline.core.prompts import (
     parse_pairs,
     response_format,
 )
+from qa_pipeline.core.settings import DEFAULT_MAX_TOKENS, DEFAULT_STALL_TIMEOUT_S
 from qa_pipeline.core.storage import ChunkResult, Journal
 
 
-STALL_TIMEOUT_ENV = "QA_PIPELINE_STALL_TIMEOUT_S"
-DEFAULT_STALL_TIMEOUT_S = 900.0
 
 
 class GenerationSettings(BaseModel):
     """Everything that shapes a request; all of it goes into the cache key."""
 
     question_types: tuple[str, ...] = DEFAULT_QUESTION_TYPES
-    max_tokens: int = 1024
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
     seed: int | None = 0
 
@@ -225,7 +224,7 @@ class Generator:
         limiter: ConcurrencyLimit,
         log: Callable[[str], None] = print,
         progress_interval_s: float = 10.0,
-        stall_timeout_s: float = 900.0,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
         telemetry_interval_s: float = 1.0,
         force: bool = False,
         parse_retries: int = 1,

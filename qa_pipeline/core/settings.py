@@ -95,6 +95,9 @@ class StorageSettings(_Group):
     dagster_home: Path | None = Field(
         None, validation_alias=AliasChoices("DAGSTER_HOME"), description="Dagster instance (default: DATA_DIR/dagster_home)"
     )
+    follow_external_symlinks: bool = Field(
+        False, description="read files and folders that symbolic links in the sources folder lead to outside it"
+    )
 
     @field_validator("data_dir", "sources_dir", "dagster_home", mode="before")
     @classmethod
@@ -184,3 +187,14 @@ def use_dagster_home(storage: StorageSettings, data_root: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
+
+
+def child_environment(extra: dict[str, str], python_path_first: str | None = None) -> dict[str, str]:
+    """The environment of a process the project starts (vLLM, a model conversion): this process's, with
+    `extra` on top and `python_path_first` ahead of any PYTHONPATH."""
+    import os
+
+    env = {**os.environ, **extra}
+    if python_path_first:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (python_path_first, os.environ.get("PYTHONPATH")) if p)
+    return env

@@ -13,7 +13,7 @@ import polars as pl
 
 from qa_pipeline.core import benchmark as bench
 from qa_pipeline.core import settings as defaults
-from qa_pipeline.core.settings import LLMSettings, RunSettings
+from qa_pipeline.core.settings import LLMSettings, RunSettings, SettingsError
 from qa_pipeline.core.chunking import chunk_document, chunks_to_frame
 from qa_pipeline.core.concurrency import AdaptiveLimit, FixedLimit
 from qa_pipeline.core.documents import DocumentError, SourceFile, discover_documents, read_document
@@ -460,9 +460,13 @@ def _inline_png(image, alt: str = "concurrency sweep") -> str:
 def assets_definitions() -> dg.Definitions:
     """The graph as this environment configures it: documents per run, and the model in `qa_pairs`'
     code version, so a new model marks every partition stale (read when the code location loads)."""
-    llm, run = LLMSettings.load(), RunSettings.load()
+    run = RunSettings.load()
+    try:
+        model = LLMSettings.load().llm_model or "embedded"
+    except SettingsError:
+        model = "invalid-settings"  # the `llm` resource reports the error to the runs that need it
     policy = backfill_policy(run.documents_per_run)
-    version = f"{PROMPT_VERSION}+{llm.llm_model or 'embedded'}"
+    version = f"{PROMPT_VERSION}+{model}"
     generated = dg.map_asset_specs(lambda spec: spec.replace_attributes(code_version=version), [qa_pairs])[0]
     return dg.Definitions(
         assets=[

@@ -11,7 +11,7 @@ from pydantic import PrivateAttr
 from qa_pipeline.core import settings as defaults
 from qa_pipeline.core.client import ClientConfig, LLMClient
 from qa_pipeline.core.layout import DataLayout
-from qa_pipeline.core.settings import LLMSettings, StorageSettings, secret_from_environment
+from qa_pipeline.core.settings import LLMSettings, SettingsError, StorageSettings, secret_from_environment
 from qa_pipeline.core.storage import Storage
 
 API_KEY_ENV = LLMSettings.variable("llm_api_key")
@@ -51,6 +51,9 @@ class LLMResource(dg.ConfigurableResource):
     max_retries: int = 4
     backoff_base_s: float = 0.5
     data_dir: str | None = None
+    # Set when the environment's LLM settings are invalid: runs that need the LLM fail with it, while
+    # everything else (chunking, the report, the UI) still loads.
+    settings_error: str | None = None
 
     _client: LLMClient | None = PrivateAttr(default=None)
 
@@ -82,7 +85,14 @@ class LLMResource(dg.ConfigurableResource):
     @asynccontextmanager
     async def yield_for_execution(self, context: dg.InitResourceContext) -> AsyncIterator["LLMResource"]:
         log = context.log.info if context.log else print
+        if self.settings_error:
+            raise dg.Failure(self.settings_error)
         base_url, model = self.base_url, self.model
+        if base_url is None:
+            # A run config that sets some of this resource's fields replaces the ones the code location
+            # configured: the settings fill the endpoint in again, rather than starting the embedded server.
+            settings = LLMSettings.load()
+            base_url, model = settings.llm_base_url, model or settings.llm_model
         if base_url:
             base_urls = ClientConfig.parse_base_urls(base_url)
         else:
@@ -109,11 +119,16 @@ class LLMResource(dg.ConfigurableResource):
 def resources() -> dg.Definitions:
     """The resources as the environment configures them (read when the code location loads)."""
     layout = DataLayout.from_settings(StorageSettings.load())
-    llm = LLMSettings.load()
+    try:
+        llm = LLMSettings.load()
+        generator = LLMResource.from_settings(llm, data_dir=str(layout.root))
+        judge = LLMResource.from_settings(llm, data_dir=str(layout.root), judge=True)
+    except SettingsError as error:
+        generator = judge = LLMResource(data_dir=str(layout.root), settings_error=str(error))
     return dg.Definitions(
         resources={
-            "llm": LLMResource.from_settings(llm, data_dir=str(layout.root)),
-            "judge": LLMResource.from_settings(llm, data_dir=str(layout.root), judge=True),
+            "llm": generator,
+            "judge": judge,
             "storage": StorageResource(data_dir=str(layout.root), sources_dir=str(layout.sources_dir)),
         }
     )

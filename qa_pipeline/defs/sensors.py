@@ -29,7 +29,8 @@ LAUNCHED_BY_TAG = "qa_pipeline/launched_by"
 SOURCE_CHANGE = "source_change"
 CONTENT_HASH_TAG = "qa_pipeline/content_hash"
 
-REGENERATION_TARGET = [chunks, qa_pairs]
+# By key: the loaded definitions hold copies of these assets with the configured backfill policy.
+REGENERATION_TARGET = dg.AssetSelection.assets(chunks.key, qa_pairs.key)
 
 # Dagster records an asset event's data version under this tag (and indexes it per partition).
 _DATA_VERSION_TAG = "dagster/data_version"
@@ -263,7 +264,7 @@ def source_documents_tick(
 
 
 @dg.sensor(
-    target=[quality_report],
+    target=dg.AssetSelection.assets(quality_report.key),
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
     description=(
