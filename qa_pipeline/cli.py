@@ -18,17 +18,53 @@ RESUME_HINT = "Finished chunks are saved; run the same command again to resume w
 
 
 class _Signals:
-    """SIGTERM (kill, docker stop, systemd) stops as gently as Ctrl-C, in any step; remembered so that
-    the command ends with the interrupted status even when a step finished after the signal."""
+    """SIGTERM (kill, docker stop, systemd) stops as gently as Ctrl-C, in any step.
+
+    The work runs in a thread and this (main) thread takes the signals, so no library in between
+    can swallow one: the first asks for a stop (no new run or chunk starts; requests in flight finish
+    and are saved), a second abandons requests in flight, and the command ends with status 130.
+    """
 
     def __init__(self) -> None:
+        from qa_pipeline.core.generation import STOP_REQUESTS
+
+        self.requests = STOP_REQUESTS
         self.received: int | None = None
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.received = self.received or signum
-        signal.default_int_handler(signum, frame)
+        name = signal.Signals(signum).name
+        if self.requests.request():
+            print(
+                f"{name} received: stopping. No new chunk starts; requests in flight finish and are saved. "
+                "Send the signal again to abandon them.",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            print(f"{name} received again: abandoning requests in flight", file=sys.stderr, flush=True)
+
+    def run(self, work):
+        """`work()` in a thread, returning its result (or raising its exception) while signals are handled here."""
+        import threading
+
+        result: dict = {}
+
+        def target() -> None:
+            try:
+                result["value"] = work()
+            except BaseException as error:  # handed to the main thread
+                result["error"] = error
+
+        worker = threading.Thread(target=target, name="qa-pipeline run", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -56,7 +92,7 @@ def command_run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     signals = _Signals()
     try:
-        outcome = run_pipeline(layout, options, log=lambda line: print(line, flush=True))
+        outcome = signals.run(lambda: run_pipeline(layout, options, log=lambda line: print(line, flush=True)))
     except KeyboardInterrupt:
         print(f"qa-pipeline run: stopped by a signal. {RESUME_HINT}", file=sys.stderr)
         return 130

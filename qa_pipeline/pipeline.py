@@ -17,6 +17,7 @@ import dagster as dg
 from qa_pipeline.core import settings as defaults
 from qa_pipeline.core.client import ClientConfig
 from qa_pipeline.core.documents import discover_documents
+from qa_pipeline.core.generation import STOP_REQUESTS
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.report import build_report
 from qa_pipeline.core.run_ranges import partition_ranges
@@ -94,6 +95,10 @@ def load_definitions() -> dg.Definitions:
     return defs()
 
 
+class StopRequested(Exception):
+    """A stop was asked for between two runs: no further run starts."""
+
+
 class Launcher:
     """Runs asset selections of the project's definitions in this process, on the persistent instance."""
 
@@ -106,6 +111,8 @@ class Launcher:
         self.run_ids: list[str] = []
 
     def launch(self, assets: Sequence[dg.AssetKey], keys: Sequence[str] | None = None) -> dg.ExecuteInProcessResult:
+        if STOP_REQUESTS.stop.is_set():
+            raise StopRequested()
         tags = {LAUNCHED_BY_TAG: "cli"}
         if keys:
             tags.update({RANGE_START_TAG: keys[0], RANGE_END_TAG: keys[-1]})
@@ -131,6 +138,17 @@ class Launcher:
 
 
 def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[str], None]) -> PipelineOutcome:
+    outcome = PipelineOutcome()
+    try:
+        return _run_pipeline(layout, options, log, outcome)
+    except StopRequested:
+        outcome.stopped = "interrupted"
+        return outcome
+
+
+def _run_pipeline(
+    layout: DataLayout, options: PipelineOptions, log: Callable[[str], None], outcome: PipelineOutcome
+) -> PipelineOutcome:
     instance = dg.DagsterInstance.get()
     sync = sync_document_partitions(instance, layout, deletions_allowed=not options.chunks_only)
     for line in sync.messages:
@@ -142,7 +160,7 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
         selected = [key for key in selected if key in failed]
         if not selected:
             log("qa-pipeline run --failed: no document failed in its last run; nothing to re-run")
-            return PipelineOutcome()
+            return outcome
     selected = selected[: options.limit] if options.limit else selected
     if not selected:
         raise SystemExit(f"qa-pipeline run: no documents to process in {layout.sources_dir}")
@@ -154,7 +172,7 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
     storage = StorageResource(data_dir=str(layout.root), sources_dir=str(layout.sources_dir))
     resources = {"storage": {"config": storage.model_dump(exclude_none=True)}}
     launcher = Launcher(instance, resources, {}, log)
-    outcome = PipelineOutcome(runs=launcher.run_ids)
+    outcome.runs = launcher.run_ids
 
     chunked = _run_documents(launcher, [CHUNKS], runs_of(selected), outcome, log)
     if outcome.stopped or not chunked or options.chunks_only:
@@ -212,6 +230,8 @@ def _run_documents(
     total = sum(len(keys) for keys in runs)
     for index, keys in enumerate(runs):
         extra = last_extra if last_extra and index == len(runs) - 1 else []
+        span = keys[0] if len(keys) == 1 else f"{keys[0]} ... {keys[-1]}"
+        log(f"{name}: starting a run over {len(keys)} documents ({span})")
         result = launcher.launch([*assets, *extra], keys)
         materialized = {
             event.partition

@@ -41,5 +41,13 @@ def test_run_without_endpoint_generates_valid_pairs_and_reads_real_vllm_metrics(
     assert max(row["server_running_max"] for row in benchmark) >= 2
     assert max(row["kv_cache_usage_max"] for row in benchmark) > 0
 
-    # The server the run started is stopped at the end.
+    # README command 1 shows every check's verdict per document, failing ones included.
+    assert "Checks (one verdict per document):" in run.stdout, output[-3000:]
+    for check in ("success_rate", "groundedness", "duplicates"):
+        assert f"  {check}: " in run.stdout and "/2 documents passed" in run.stdout
+
+    # The server the run started is stopped at the end, as the command says.
+    assert "Stopped the embedded vLLM server" in output
     assert not (layout.root / "embedded-server.json").exists()
+    status = run_cli("embedded", "status", env=env, check=False)
+    assert status.returncode == 1 and "no embedded server running" in status.stdout + status.stderr

@@ -236,24 +236,27 @@ def test_a_stalled_command_line_run_says_so_and_fails(simulator, data_dir):
 
 
 def test_in_dagster_the_stall_and_request_timeouts_come_from_the_environment(simulator, data_dir, monkeypatch):
-    """Runs launched from the UI have no command line: the same variables set the same limits."""
+    """Runs launched from the UI have no command line: the same variables set the same limits, read
+    when the code location loads its definitions."""
     import dagster as dg
 
-    from qa_pipeline.defs.assets import chunks, qa_pairs
-    from qa_pipeline.defs.resources import LLMResource, StorageResource
+    from qa_pipeline.definitions import defs
 
     sim = simulator(**FAST, fault_rate=1.0, fault_kinds=["hang"], hang_s=60)
     (data_dir / "sources" / "notes.md").write_text("# Notes\n\nThe upload worker retries three times.\n")
+    monkeypatch.setenv("QA_PIPELINE_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("QA_PIPELINE_LLM_BASE_URL", sim.base_url)
     monkeypatch.setenv("QA_PIPELINE_STALL_TIMEOUT_S", "3")
     monkeypatch.setenv("QA_PIPELINE_REQUEST_TIMEOUT_S", "60")
+    job = defs().resolve_implicit_global_asset_job_def()
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("documents", ["notes.md"])
-    resources = {"llm": LLMResource(base_url=sim.base_url), "storage": StorageResource(data_dir=str(data_dir))}
-    assert dg.materialize([chunks], partition_key="notes.md", instance=instance, resources=resources).success
+    chunked = job.execute_in_process(asset_selection=[dg.AssetKey("chunks")], partition_key="notes.md", instance=instance)
+    assert chunked.success
 
     started = time.monotonic()
-    result = dg.materialize(
-        [qa_pairs], partition_key="notes.md", instance=instance, resources=resources, raise_on_error=False,
+    result = job.execute_in_process(
+        asset_selection=[dg.AssetKey("qa_pairs")], partition_key="notes.md", instance=instance, raise_on_error=False,
         run_config={"ops": {"qa_pairs": {"config": {"concurrency": 2}}}},
     )
     assert not result.success

@@ -76,6 +76,35 @@ REASK_TEMPERATURE = 0.7
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class StopRequests:
+    """A stop asked for by a thread that handles the signals (the command line's main thread) while the
+    work runs in another: the generator there stops as it would on the signal itself."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.abandon = threading.Event()
+
+    def request(self) -> bool:
+        """Asks for a stop, then (asked again) to abandon requests in flight; True when this is the first."""
+        if not self.stop.is_set():
+            self.stop.set()
+            return True
+        self.abandon.set()
+        return False
+
+
+STOP_REQUESTS = StopRequests()
+
+
+async def _relay_stop_requests(stop: asyncio.Event, abandon: asyncio.Event) -> None:
+    while not abandon.is_set():
+        if STOP_REQUESTS.stop.is_set():
+            stop.set()
+        if STOP_REQUESTS.abandon.is_set():
+            abandon.set()
+        await asyncio.sleep(0.1)
+
+
 @contextmanager
 def stop_on_signals(stop: asyncio.Event, abandon: asyncio.Event, log: Callable[[str], None]) -> Iterator[None]:
     """While chunks are generated, SIGINT/SIGTERM stop the run gracefully instead of raising anywhere.
@@ -84,11 +113,16 @@ def stop_on_signals(stop: asyncio.Event, abandon: asyncio.Event, log: Callable[[
     a second one sets `abandon`. On the way out the previous handlers come back and the signal is
     delivered to them again, so Dagster's run termination and Ctrl-C at the command line end the run
     as usual, only later: once the journal holds every finished chunk. Only the main thread can
-    handle signals; elsewhere (a Dagster step in a thread) this does nothing.
+    handle signals; elsewhere (the command line runs its work in a thread) the stop comes through
+    `STOP_REQUESTS`, set by the thread that handles them.
     """
     loop = asyncio.get_running_loop()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        relay = loop.create_task(_relay_stop_requests(stop, abandon))
+        try:
+            yield
+        finally:
+            relay.cancel()
         return
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     received: list[int] = []

@@ -410,6 +410,7 @@ def _publish_document(
 def quality_report(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     """Counts, success rate, groundedness, refusals, duplicates, question types, languages, failures by
     reason, latency and throughput, overall and per document; writes the `question_duplicates` table."""
+    context.log.info("building the quality report over every document's outputs")
     rescored = refresh_pair_scores(storage.storage)
     if rescored:
         context.log.info(f"scored {len(rescored)} documents whose pair_scores were missing or out of date")
