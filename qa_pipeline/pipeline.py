@@ -88,6 +88,11 @@ def failed_documents(instance: dg.DagsterInstance, keys: list[str]) -> set[str]:
     return failed
 
 
+def documents_with_failed_chunks(storage: Storage) -> set[str]:
+    """Documents with chunks recorded in `failures`, also those under their failure threshold."""
+    return set(storage.query("SELECT DISTINCT document FROM failures")["document"].to_list())
+
+
 def load_definitions() -> dg.Definitions:
     """The project's definitions, exactly as `dagster dev` and `dg` load them."""
     from qa_pipeline.definitions import defs
@@ -156,10 +161,10 @@ def _run_pipeline(
     present = [s.key for s in discover_documents(layout.sources_dir)]
     selected = [k for k in present if not options.documents or any(fnmatch.fnmatch(k, p) for p in options.documents)]
     if options.failed_only:
-        failed = failed_documents(instance, selected)
+        failed = failed_documents(instance, selected) | documents_with_failed_chunks(Storage(layout))
         selected = [key for key in selected if key in failed]
         if not selected:
-            log("qa-pipeline run --failed: no document failed in its last run; nothing to re-run")
+            log("qa-pipeline run --failed: no document or chunk failed in its last run; nothing to re-run")
             return outcome
     selected = selected[: options.limit] if options.limit else selected
     if not selected:

@@ -38,4 +38,23 @@ def test_run_failed_reruns_only_the_failed_documents_and_only_their_failed_chunk
     assert sql("SELECT count(DISTINCT chunk_id) AS chunks FROM qa_pairs", env) == [{"chunks": 12}]
 
     nothing = run_cli(*RUN, "--failed", env=env)
-    assert "no document failed in its last run; nothing to re-run" in nothing.stdout
+    assert "no document or chunk failed in its last run; nothing to re-run" in nothing.stdout
+
+
+def test_run_failed_also_retries_the_failed_chunks_of_documents_under_their_threshold(simulator, data_dir):
+    sim = simulator(**FAST, fail_if_contains=[MARKER])
+    parts = [f"Part {part}: the cache keeps {part} entries." + (f" It is {MARKER}." if part == 1 else "") for part in range(3)]
+    body = "\n\n".join(f"## Part {part}\n\n{text}" for part, text in enumerate(parts))
+    (data_dir / "sources" / "tolerant.md").write_text(f"# Tolerant\n\n{body}\n")
+    env = cli_env(data_dir, sim.base_url)
+
+    first = run_cli(*RUN, "--failure-threshold", "0.5", env=env)
+    assert "1 documents done, 0 failed" in first.stdout
+    assert sql("SELECT count(*) AS n FROM failures", env) == [{"n": 1}]
+
+    sim.set_faults()
+    sim.reset_stats()
+    again = run_cli(*RUN, "--failed", env=env)
+    assert "qa-pipeline run: 1 documents from" in again.stdout
+    assert sim.stats()["requests_by_passage"] == {passage_key(parts[1]): 1}
+    assert sql("SELECT count(*) AS n FROM failures", env) == [{"n": 0}]
