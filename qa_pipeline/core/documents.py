@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from html.parser import HTMLParser
@@ -22,6 +23,8 @@ _CONTROL_SAMPLE = 1 << 16
 _CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\r\f\v") + b"\x7f"
 # Problems listed in a JSONL error before "and N more".
 _LISTED_PROBLEMS = 5
+
+logger = logging.getLogger("qa_pipeline.documents")
 
 
 class DocumentFormat(StrEnum):
@@ -56,13 +59,18 @@ class DocumentError(Exception):
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One file found under the sources folder; `key` is its Dagster partition key."""
+    """One file found under the sources folder; `key` is its Dagster partition key.
+
+    `confined_to` is the resolved sources folder that reading must not leave (through a symbolic
+    link changed since discovery); None when leaving it was allowed or the file was named directly.
+    """
 
     key: str
     path: Path
     size: int
     content_hash: str
     suffix: str
+    confined_to: Path | None = None
 
     @property
     def supported(self) -> bool:
@@ -166,11 +174,16 @@ def partition_key(relative_path: str) -> str:
     return _KEY_ESCAPE.sub(_escape_key_part, relative_path)
 
 
-def discover_documents(sources_dir: Path) -> list[SourceFile]:
+def discover_documents(sources_dir: Path, follow_external_symlinks: bool = False) -> list[SourceFile]:
     """Every non-hidden file under `sources_dir`, sorted by key.
 
     Files with unsupported suffixes are listed too (`supported` is False) so that
     reading them raises a DocumentError naming the file instead of silently skipping it.
+    A symbolic link that leads outside the folder (to a file or a folder) is skipped with a warning
+    on the "qa_pipeline.documents" logger, unless `follow_external_symlinks`
+    (QA_PIPELINE_FOLLOW_EXTERNAL_SYMLINKS): its target's text would otherwise be sent to the LLM
+    server. Links that stay inside are read as files; linked folders inside are not walked, since
+    their files are found where they are.
     """
     sources_dir = Path(sources_dir)
     if not sources_dir.is_dir():
@@ -179,28 +192,68 @@ def discover_documents(sources_dir: Path) -> list[SourceFile]:
             "the sources folder does not exist or is not a folder",
             "Create it and put your documents in it, or point QA_PIPELINE_SOURCES_DIR at your documents.",
         )
-    found: list[SourceFile] = []
-    for folder, dirnames, filenames in os.walk(sources_dir):
-        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
-        relative_folder = Path(folder).relative_to(sources_dir)
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            path = Path(folder) / name
-            if not path.is_file():  # broken symlinks, sockets, fifos
-                continue
-            relative = (relative_folder / name).as_posix()
-            found.append(
-                SourceFile(
-                    key=partition_key(relative),
-                    path=path,
-                    size=path.stat().st_size,
-                    content_hash=_file_sha256(path),
-                    suffix=path.suffix.lower(),
-                )
-            )
+    root = sources_dir.resolve()
+    found = [
+        SourceFile(
+            key=partition_key(relative),
+            path=path,
+            size=path.stat().st_size,
+            content_hash=_file_sha256(path),
+            suffix=path.suffix.lower(),
+            confined_to=None if follow_external_symlinks else root,
+        )
+        for relative, path in _walk(sources_dir, "", root, follow_external_symlinks, {root})
+    ]
     found.sort(key=lambda source: source.key)
     return found
+
+
+def _walk(
+    folder: Path, relative: str, root: Path, follow_external: bool, walked: set[Path]
+) -> Iterator[tuple[str, Path]]:
+    """(relative POSIX path, path) of every non-hidden regular file under `folder`; see discover_documents."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError:  # vanished or unreadable: as os.walk, list what can be listed
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = Path(folder) / entry.name
+        name = f"{relative}{entry.name}"
+        external = False
+        if entry.is_symlink():
+            target = Path(os.path.realpath(path))
+            external = not target.is_relative_to(root)
+            if external and not follow_external:
+                _warn_external_link(path, target, root)
+                continue
+        if entry.is_dir():  # follows links
+            if entry.is_symlink() and not external:
+                continue
+            real = Path(os.path.realpath(path))
+            if real not in walked:  # a linked folder that contains a link back to itself
+                walked.add(real)
+                yield from _walk(path, f"{name}/", root, follow_external, walked)
+        elif entry.is_file():  # not broken links, sockets, fifos
+            yield name, path
+
+
+_warned_links: set[tuple[Path, Path]] = set()
+
+
+def _warn_external_link(link: Path, target: Path, root: Path) -> None:
+    # Once per process and link: discovery runs several times per command, and every minute in a sensor.
+    if (link, target) in _warned_links:
+        return
+    _warned_links.add((link, target))
+    logger.warning(
+        "%s is skipped: it is a symbolic link to %s, outside the sources folder %s. Copy what it points "
+        "to into the sources folder, or set QA_PIPELINE_FOLLOW_EXTERNAL_SYMLINKS=true to read it there.",
+        link,
+        target,
+        root,
+    )
 
 
 def _file_sha256(path: Path) -> str:
@@ -225,8 +278,19 @@ def read_document(source: SourceFile | Path) -> Document:
             f"Supported types are {', '.join(SUPPORTED_SUFFIXES)}; convert the file to one of them, "
             "rename it if it already is one, or move it out of the sources folder.",
         )
+    readable = path
+    if source.confined_to is not None:
+        # Checked again here: a link can be re-pointed between discovery and reading.
+        readable = Path(os.path.realpath(path))
+        if not readable.is_relative_to(source.confined_to):
+            raise DocumentError(
+                path,
+                f"is a symbolic link to {readable}, outside the sources folder {source.confined_to}",
+                "Copy what it points to into the sources folder, or set QA_PIPELINE_FOLLOW_EXTERNAL_SYMLINKS=true "
+                "to read it there.",
+            )
     try:
-        data = path.read_bytes()
+        data = readable.read_bytes()
     except OSError as error:
         raise DocumentError(path, f"cannot be read ({error.strerror})", "Check that it exists and is readable.")
     _check_is_text(path, data, whole_file=document_format is not DocumentFormat.JSONL)

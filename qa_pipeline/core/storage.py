@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import shutil
 import tempfile
@@ -154,27 +156,82 @@ class ChunkResult(BaseModel):
     finished_at: datetime
 
 
-def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+class StorageFullError(OSError):
+    """Writing into the data directory failed (a full disk, a quota, a read-only mount); nothing more
+    can be saved, so a run must stop sending. The message names the file, the free space and the fix."""
+
+    @classmethod
+    def writing(cls, path: Path, error: OSError) -> StorageFullError:
+        """The error for `error`, met while writing `path`."""
+        problem = _FULL_ERRNOS.get(error.errno or 0) or error.strerror or str(error)
+        free = _free_bytes(path)
+        free_text = "free space unknown" if free is None else f"{format_bytes(free)} free on that file system"
+        message = (
+            f"cannot write {path}: {problem} ({free_text}). Free space or point QA_PIPELINE_DATA_DIR "
+            "elsewhere; finished chunks are saved; re-run resumes."
+        )
+        return cls(error.errno or errno.EIO, message, str(path))
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+_FULL_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes of the file system holding `path` (or its nearest existing parent)."""
+    for folder in (path, *path.parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            continue
+    return None
+
+
+def format_bytes(size: float) -> str:
+    """A size for people: "512 bytes", "3.4 MB"."""
+    units, power = ("bytes", "KB", "MB", "GB", "TB"), 0
+    while size >= 1024 and power < len(units) - 1:
+        size, power = size / 1024, power + 1
+    return f"{size:.0f} bytes" if power == 0 else f"{size:.1f} {units[power]}"
+
+
+def _write_bytes_atomic(data: bytes, path: Path) -> None:
+    """Readers see the old file or the new one, never half of one; a failed write leaves no temporary file."""
+    tmp: str | None = None
     try:
-        frame.write_parquet(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise StorageFullError.writing(path, error) from error
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
+    """Readers see the old file or the new one, never half of one; a failed write raises StorageFullError."""
+    # Encoded in memory first: polars reports a failed file write as a ComputeError, not an OSError.
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    _write_bytes_atomic(buffer.getvalue(), path)
+
+
 def write_text_atomic(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    _write_bytes_atomic(text.encode("utf-8"), path)
 
 
 class Journal:
@@ -187,6 +244,7 @@ class Journal:
     def __init__(self, path: Path):
         self.path = path
         self._handle = None
+        self._entered = False
         # Lines in the file, counted by load() and kept up by append(); None until load() has run.
         self.lines: int | None = None
 
@@ -215,14 +273,22 @@ class Journal:
         return results
 
     def __enter__(self) -> Journal:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._drop_cut_line()
-        self._handle = self.path.open("a", encoding="utf-8")
+        # The file is opened by the first append: a run that saves nothing (all cached, a full disk,
+        # stopped before the first answer) leaves no empty journal behind.
+        self._entered = True
         return self
 
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._drop_cut_line()
+            self._handle = self.path.open("a", encoding="utf-8")
+        except OSError as error:
+            raise StorageFullError.writing(self.path, error) from error
+
     def _drop_cut_line(self) -> None:
-        """A last line cut short by a crash holds no finished chunk; left in place, the next append
-        would be glued to it and lost too, so it is cut off before appending."""
+        """A last line cut short by a crash (or a full disk) holds no finished chunk; left in place, the
+        next append would be glued to it and lost too, so it is cut off before appending."""
         if not self.path.exists():
             return
         with self.path.open("rb+") as handle:
@@ -240,17 +306,33 @@ class Journal:
             handle.truncate(0)
 
     def __exit__(self, *exc_info) -> None:
+        self._entered = False
         if self._handle is not None:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-            self._handle.close()
-            self._handle = None
+            handle, self._handle = self._handle, None
+            try:
+                handle.flush()
+                os.fsync(handle.fileno())
+                handle.close()
+            except OSError as error:
+                _close_quietly(handle)
+                raise StorageFullError.writing(self.path, error) from error
 
     def append(self, result: ChunkResult) -> None:
+        """Adds one finished chunk; raises StorageFullError when it cannot be written (the chunk is then
+        not saved, and any part of its line that reached the file is cut off by the next append)."""
         # One write per line plus flush: the OS has it even if this process is SIGKILLed.
-        assert self._handle is not None, "Journal.append outside `with`"
-        self._handle.write(result.model_dump_json() + "\n")
-        self._handle.flush()
+        assert self._entered, "Journal.append outside `with`"
+        if self._handle is None:
+            self._open()
+        try:
+            self._handle.write(result.model_dump_json() + "\n")
+            self._handle.flush()
+        except OSError as error:
+            # The unwritten rest of the line is dropped with the handle, so it cannot be written later
+            # behind another line; the next append reopens the file.
+            _close_quietly(self._handle)
+            self._handle = None
+            raise StorageFullError.writing(self.path, error) from error
         if self.lines is not None:
             self.lines += 1
 
@@ -259,6 +341,29 @@ class Journal:
         results = list(results)
         write_text_atomic("".join(r.model_dump_json() + "\n" for r in results), self.path)
         self.lines = len(results)
+
+
+def _close_quietly(handle) -> None:
+    """Closes a handle whose buffered data cannot be written; that data is given up."""
+    try:
+        handle.close()
+    except OSError:
+        pass
+
+
+def journal_space_needed(journals: Iterable[Journal], chunks_left: int) -> int | None:
+    """Roughly the bytes a run still needs for its journals: the lines to come (the average line so far
+    times the chunks left) and, at the end, room for compaction's temporary copy of each journal.
+    The journals must have been loaded; None before any of them has a line."""
+    size = lines = 0
+    for journal in journals:
+        if journal.lines:
+            size += journal.path.stat().st_size if journal.path.exists() else 0
+            lines += journal.lines
+    if not lines:
+        return None
+    to_come = size * chunks_left // lines
+    return size + 2 * to_come
 
 
 def results_to_frames(results: Iterable[ChunkResult]) -> tuple[pl.DataFrame, pl.DataFrame]:

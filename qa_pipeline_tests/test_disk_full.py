@@ -1,0 +1,125 @@
+"""On a full disk, writing a journal line or a table stops with StorageFullError naming the file and the fix."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from qa_pipeline.core.prompts import QAPair
+from qa_pipeline.core.storage import (
+    ChunkResult,
+    Journal,
+    StorageFullError,
+    journal_space_needed,
+    write_parquet_atomic,
+)
+
+
+def result(key: str) -> ChunkResult:
+    return ChunkResult(
+        document="doc.md",
+        chunk_id=f"chunk-{key}",
+        request_hash=key,
+        ok=True,
+        pairs=[QAPair(question="What is it? " * 20, answer="A test. " * 50, type="factual")],
+        finished_at=datetime.now(UTC),
+    )
+
+
+@pytest.fixture
+def full_disk(tmp_path) -> Path:
+    """A real 256 KB file system (tmpfs), filled to the last block; unmounted after the test."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        (mount_point / "data").mkdir()
+        with (mount_point / "filler").open("wb", buffering=0) as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * 4096)
+            except OSError:  # the disk is full
+                pass
+        yield mount_point / "data"
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def free_space_of(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def test_appending_to_a_journal_on_a_full_disk_raises_storage_full_error_naming_the_file(full_disk):
+    path = full_disk / "journals" / "doc.md.jsonl"
+    assert free_space_of(full_disk) == 0
+
+    with pytest.raises(StorageFullError) as raised:
+        with Journal(path) as journal:
+            journal.append(result("a"))
+
+    message = str(raised.value)
+    assert str(path) in message
+    assert "no space left on the device (0 bytes free on that file system)" in message
+    assert "Free space or point QA_PIPELINE_DATA_DIR elsewhere; finished chunks are saved; re-run resumes." in message
+    assert raised.value.filename == str(path)
+
+
+def test_a_journal_that_filled_the_disk_mid_run_keeps_its_saved_lines_and_resumes_once_space_is_freed(full_disk):
+    path = full_disk / "doc.md.jsonl"
+    (full_disk.parent / "filler").unlink()  # room for a few lines only
+    (full_disk.parent / "filler").write_bytes(b"\0" * (free_space_of(full_disk) - 8192))
+    saved = []
+    with pytest.raises(StorageFullError):
+        with Journal(path) as journal:
+            for number in range(100):
+                journal.append(result(str(number)))
+                saved.append(str(number))
+    assert saved and len(saved) < 100
+    assert set(Journal(path).load()) == set(saved)
+
+    (full_disk.parent / "filler").unlink()
+    with Journal(path) as journal:
+        journal.append(result("after"))
+    assert set(Journal(path).load()) == {*saved, "after"}
+
+
+def test_a_table_that_cannot_be_written_raises_storage_full_error_and_leaves_no_temporary_file(full_disk):
+    path = full_disk / "qa_pairs" / "doc.md.parquet"
+    (full_disk / "qa_pairs").mkdir()
+    frame = pl.DataFrame({"answer": [f"answer number {n} " * 20 for n in range(5000)]})
+
+    with pytest.raises(StorageFullError) as raised:
+        write_parquet_atomic(frame, path)
+
+    assert str(path) in str(raised.value)
+    assert list((full_disk / "qa_pairs").iterdir()) == []
+
+
+def test_a_journal_that_never_appends_leaves_no_file(tmp_path):
+    path = tmp_path / "journals" / "doc.md.jsonl"
+    journal = Journal(path)
+    journal.load()
+    with journal:
+        pass
+    assert not path.exists()
+    assert journal.load() == {}
+
+
+def test_space_needed_grows_with_the_chunks_left(tmp_path):
+    journal = Journal(tmp_path / "doc.md.jsonl")
+    journal.load()
+    assert journal_space_needed([journal], chunks_left=10) is None
+    with journal:
+        for key in "ab":
+            journal.append(result(key))
+    size = journal.path.stat().st_size
+    assert journal_space_needed([journal], chunks_left=10) == size + 2 * 5 * size
