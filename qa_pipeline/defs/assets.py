@@ -90,7 +90,9 @@ class QAPairsConfig(GenerationConfig):
     checks: QualityChecksConfig = QualityChecksConfig()
 
 
-@dg.observable_source_asset(partitions_def=documents, description="Files under the sources folder, by content hash.")
+@dg.observable_source_asset(
+    partitions_def=documents, description="Files under the sources folder, by content hash.", group_name="documents"
+)
 def source_documents(storage: StorageResource) -> dg.DataVersionsByPartition:
     return dg.DataVersionsByPartition(
         {source.key: source.content_hash for source in discover_documents(storage.layout.sources_dir)}
@@ -103,6 +105,7 @@ def source_documents(storage: StorageResource) -> dg.DataVersionsByPartition:
     code_version="chunking-v1",
     backfill_policy=DEFAULT_BACKFILL_POLICY,
     kinds={"parquet"},
+    group_name="documents",
 )
 def chunks(context: dg.AssetExecutionContext, config: ChunkingConfig, storage: StorageResource) -> dg.MaterializeResult:
     """Structure-aware chunks of each document of the run (pre-chunked JSONL passes through).
@@ -149,6 +152,7 @@ def _chunk_document(
         context.log.warning(f"{source.path}: {warning}")
     return {
         "dagster/row_count": frame.height,
+        "dagster/column_schema": column_schema(frame),
         "tokens_total": int(frame["n_tokens"].sum()),
         "tokens_max": int(frame["n_tokens"].max()),
         "path": dg.MetadataValue.path(str(path)),
@@ -191,7 +195,7 @@ def _partitions_result(
     )
 
 
-@dg.asset(deps=[chunks], code_version="sample-v1")
+@dg.asset(deps=[chunks], code_version="sample-v1", kinds={"parquet"}, group_name="documents")
 def test_sample(context: dg.AssetExecutionContext, config: SampleConfig, storage: StorageResource) -> dg.MaterializeResult:
     """A seeded sample stratified by service (or document) for the concurrency benchmark."""
     all_chunks = storage.storage.read_table("chunks")
@@ -209,7 +213,7 @@ def test_sample(context: dg.AssetExecutionContext, config: SampleConfig, storage
     )
 
 
-@dg.asset(deps=[test_sample], pool="llm_server")
+@dg.asset(deps=[test_sample], pool="llm_server", kinds={"parquet"}, group_name="generation")
 async def concurrency_benchmark(
     context: dg.AssetExecutionContext, config: BenchmarkConfig, llm: LLMResource, storage: StorageResource
 ) -> dg.MaterializeResult:
@@ -255,6 +259,7 @@ async def concurrency_benchmark(
             # (see `assets_definitions`).
             code_version=PROMPT_VERSION,
             kinds={"parquet"},
+            group_name="generation",
             description="QA pairs for every chunk of each document, with their quality checks.",
         )
     ],
@@ -390,6 +395,7 @@ def _publish_document(
     failure_rate = failures.height / len(results) if results else 0.0
     metadata = {
         "dagster/row_count": pairs.height,
+        "dagster/column_schema": column_schema(pairs),
         "chunks": len(results),
         "chunks_failed": failures.height,
         "failure_rate": failure_rate,
@@ -406,7 +412,7 @@ def _publish_document(
     ), verdicts
 
 
-@dg.asset(deps=[qa_pairs], code_version="report-v2")
+@dg.asset(deps=[qa_pairs], code_version="report-v2", kinds={"duckdb"}, group_name="quality")
 def quality_report(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     """Counts, success rate, groundedness, refusals, duplicates, question types, languages, failures by
     reason, latency and throughput, overall and per document; writes the `question_duplicates` table."""
@@ -448,6 +454,11 @@ def _concurrency_limit(
         )
         return AdaptiveLimit(max_limit=config.max_concurrency)
     return FixedLimit(level)
+
+
+def column_schema(frame: pl.DataFrame) -> dg.TableSchema:
+    """The table's columns and types, as the UI shows them."""
+    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()])
 
 
 def _inline_png(image, alt: str = "concurrency sweep") -> str:

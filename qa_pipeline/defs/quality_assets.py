@@ -18,7 +18,7 @@ class JudgeConfig(dg.Config):
     ungrounded_below: float = QualityThresholds().ungrounded_below  # what the heuristics call ungrounded
 
 
-@dg.asset(deps=[qa_pairs], pool="llm_server", kinds={"duckdb"})
+@dg.asset(deps=[qa_pairs], pool="llm_server", kinds={"duckdb"}, group_name="quality")
 async def judged_sample(
     context: dg.AssetExecutionContext, config: JudgeConfig, judge: LLMResource, storage: StorageResource
 ) -> dg.MaterializeResult:
