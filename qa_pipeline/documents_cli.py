@@ -9,7 +9,7 @@ import sys
 
 import dagster as dg
 
-from qa_pipeline.core.documents import DocumentError, discover_documents
+from qa_pipeline.core.documents import DocumentError
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.settings import StorageSettings, use_dagster_home
 from qa_pipeline.core.registry import adopt_sources_folder, name_list, same_folder
@@ -20,7 +20,7 @@ def command_adopt(args: argparse.Namespace) -> int:
 
     layout = DataLayout.from_env(args.data_dir, args.sources_dir)
     try:
-        present = discover_documents(layout.sources_dir)
+        present = layout.discover_sources()
     except DocumentError as error:
         print(f"qa-pipeline documents adopt: {error}", file=sys.stderr)
         return 2

@@ -16,7 +16,6 @@ import dagster as dg
 
 from qa_pipeline.core import settings as defaults
 from qa_pipeline.core.client import ClientConfig
-from qa_pipeline.core.documents import discover_documents
 from qa_pipeline.core.generation import STOP_REQUESTS
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.report import build_report
@@ -158,7 +157,7 @@ def _run_pipeline(
     sync = sync_document_partitions(instance, layout, deletions_allowed=not options.chunks_only)
     for line in sync.messages:
         log(line)
-    present = [s.key for s in discover_documents(layout.sources_dir)]
+    present = [s.key for s in layout.discover_sources()]
     selected = [k for k in present if not options.documents or any(fnmatch.fnmatch(k, p) for p in options.documents)]
     if options.failed_only:
         failed = failed_documents(instance, selected) | documents_with_failed_chunks(Storage(layout))

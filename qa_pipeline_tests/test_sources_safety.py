@@ -104,11 +104,6 @@ def test_run_never_chunks_a_file_outside_the_sources_folder(data_dir, tmp_path):
     assert not any(SECRET in text or SECRET_IN_FOLDER in text for text in texts.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="waits for the lead: the callers of discover_documents (defs/assets.py, defs/sensors.py, "
-    "pipeline.py, documents_cli.py) must pass StorageSettings.load().follow_external_symlinks",
-)
 def test_run_reads_outside_the_sources_folder_when_the_setting_allows_it(data_dir, tmp_path):
     make_sources(data_dir, tmp_path / "outside")
     env = cli_env(data_dir, QA_PIPELINE_FOLLOW_EXTERNAL_SYMLINKS="1")

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from qa_pipeline.core.documents import SourceFile, discover_documents
 from qa_pipeline.core.settings import StorageSettings
 
 
@@ -27,6 +28,8 @@ class DataLayout:
 
     root: Path
     sources_override: Path | None = None
+    # Read files that links in the sources folder lead to outside it (QA_PIPELINE_FOLLOW_EXTERNAL_SYMLINKS).
+    follow_external_symlinks: bool = False
 
     @classmethod
     def from_env(cls, data_dir: str | Path | None = None, sources_dir: str | Path | None = None) -> DataLayout:
@@ -38,11 +41,15 @@ class DataLayout:
     def from_settings(cls, settings: StorageSettings) -> DataLayout:
         root = settings.data_dir.expanduser().absolute()
         sources = settings.sources_dir.expanduser().absolute() if settings.sources_dir else None
-        return cls(root=root, sources_override=sources)
+        return cls(root=root, sources_override=sources, follow_external_symlinks=settings.follow_external_symlinks)
 
     @property
     def sources_dir(self) -> Path:
         return self.sources_override or self.root / "sources"
+
+    def discover_sources(self) -> list[SourceFile]:
+        """The documents under the sources folder (links leading outside it only if the setting allows)."""
+        return discover_documents(self.sources_dir, follow_external_symlinks=self.follow_external_symlinks)
 
     @property
     def outputs_dir(self) -> Path:

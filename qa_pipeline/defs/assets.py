@@ -16,7 +16,7 @@ from qa_pipeline.core import settings as defaults
 from qa_pipeline.core.settings import LLMSettings, RunSettings, SettingsError
 from qa_pipeline.core.chunking import chunk_document, chunks_to_frame
 from qa_pipeline.core.concurrency import AdaptiveLimit, FixedLimit
-from qa_pipeline.core.documents import DocumentError, SourceFile, discover_documents, read_document
+from qa_pipeline.core.documents import DocumentError, SourceFile, read_document
 from qa_pipeline.core.generation import ChunkTask, GenerationReport, GenerationSettings, Generator
 from qa_pipeline.core.plots import plot_generation_telemetry, telemetry_summary
 from qa_pipeline.core.prompts import DEFAULT_QUESTION_TYPES, PROMPT_VERSION, build_messages
@@ -95,7 +95,7 @@ class QAPairsConfig(GenerationConfig):
 )
 def source_documents(storage: StorageResource) -> dg.DataVersionsByPartition:
     return dg.DataVersionsByPartition(
-        {source.key: source.content_hash for source in discover_documents(storage.layout.sources_dir)}
+        {source.key: source.content_hash for source in storage.layout.discover_sources()}
     )
 
 
@@ -113,7 +113,7 @@ def chunks(context: dg.AssetExecutionContext, config: ChunkingConfig, storage: S
     A file that cannot be read or chunked fails its own partition, naming the file; the other
     documents of the run are chunked and recorded.
     """
-    sources = {s.key: s for s in discover_documents(storage.layout.sources_dir)}
+    sources = {s.key: s for s in storage.layout.discover_sources()}
     outcomes: dict[str, dict] = {}
     failed: dict[str, str] = {}
     for document in context.partition_keys:

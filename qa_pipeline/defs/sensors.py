@@ -13,7 +13,7 @@ from pathlib import Path
 import dagster as dg
 
 from qa_pipeline.core.chunking import document_problem
-from qa_pipeline.core.documents import SourceChanges, compare_sources, discover_documents
+from qa_pipeline.core.documents import SourceChanges, compare_sources
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.run_ranges import partition_ranges
 from qa_pipeline.core.settings import RunSettings
@@ -46,7 +46,7 @@ def source_changes(
     records only the latter), so a lost cursor does not regenerate everything. With `acted_on`
     None only partitions are compared.
     """
-    present = {source.key: source.content_hash for source in discover_documents(layout.sources_dir)}
+    present = {source.key: source.content_hash for source in layout.discover_sources()}
     partitions = instance.get_dynamic_partitions(documents.name)
     if acted_on is None:
         return compare_sources(present, partitions)
@@ -181,7 +181,7 @@ def unreadable_documents(layout: DataLayout, keys: Sequence[str]) -> list[str]:
     """The documents among `keys` that cannot be read or chunked (bad encoding, binary, empty...)."""
     if not keys:
         return []
-    sources = {source.key: source for source in discover_documents(layout.sources_dir)}
+    sources = {source.key: source for source in layout.discover_sources()}
     return [key for key in keys if key in sources and document_problem(sources[key]) is not None]
 
 
