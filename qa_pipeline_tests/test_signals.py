@@ -41,17 +41,22 @@ def run_until(env: dict[str, str], log: Path, marker: str, *args: str, timeout_s
     return process
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_during_chunking_ends_the_command_with_status_130(data_dir, tmp_path, signum):
-    big_manual(data_dir / "sources" / "manual.md", 12)
-    log = tmp_path / "run.log"
-    process = run_until(cli_env(data_dir), log, "chunks: starting a run", "--chunks-only")
+def stop(process: subprocess.Popen, log: Path, signum: int = signal.SIGTERM) -> tuple[int, str]:
+    """Sends the signal; the command's exit status and output."""
     process.send_signal(signum)
     try:
         returncode = process.wait(timeout=60)
     finally:
         process.kill()
-    output = log.read_text()
+    return returncode, log.read_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_chunking_ends_the_command_with_status_130(data_dir, tmp_path, signum):
+    big_manual(data_dir / "sources" / "manual.md", 12)
+    log = tmp_path / "run.log"
+    process = run_until(cli_env(data_dir), log, "chunks: starting a run", "--chunks-only")
+    returncode, output = stop(process, log, signum)
     assert returncode == 130, output[-3000:]
     assert "stopped by a signal" in output and "run the same command again to resume" in output
     assert "qa-pipeline run: 1 documents done" not in output, "a stopped command does not report success"
@@ -68,12 +73,7 @@ def test_sigterm_during_the_report_step_ends_the_command_with_status_130(simulat
         env, log, "building the quality report", "--skip-benchmark", "--concurrency", "64",
         timeout_s=300,
     )
-    process.send_signal(signal.SIGTERM)
-    try:
-        returncode = process.wait(timeout=60)
-    finally:
-        process.kill()
-    output = log.read_text()
+    returncode, output = stop(process, log)
     assert returncode == 130, output[-3000:]
     assert "stopped by a signal" in output
     assert "qa-pipeline run: 4 documents done" not in output
