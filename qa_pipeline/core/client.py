@@ -7,7 +7,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -16,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field, SecretStr
 
 from qa_pipeline.core.prompts import FailureReason
-from qa_pipeline.core.settings import DEFAULT_REQUEST_TIMEOUT_S
+from qa_pipeline.core.settings import DEFAULT_OUTAGE_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S
 
 _JSON_CONTENT = {"Content-Type": "application/json"}
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -36,8 +37,13 @@ class ClientConfig(BaseModel):
     max_connections: int = 512
     # vLLM closes idle keep-alive sockets after 5 s; closing ours first avoids reusing a dead socket.
     keepalive_timeout_s: float = 4.0
-    endpoint_cooldown_s: float = Field(5.0, description="first probe of a failed endpoint after this long")
+    endpoint_cooldown_s: float = Field(
+        5.0, description="a failed endpoint is probed after this long; with every endpoint down, retries wait as long"
+    )
     probe_interval_max_s: float = Field(30.0, description="probes of a dead endpoint back off up to this interval")
+    outage_timeout_s: float = Field(
+        DEFAULT_OUTAGE_TIMEOUT_S, gt=0, description="ServerUnavailableError once no endpoint has answered for this long"
+    )
     metrics_max_age_s: float = Field(10.0, description="older /metrics figures no longer weigh endpoint choice")
 
     @classmethod
@@ -59,6 +65,21 @@ class CredentialsError(ServerError):
     """The server refused the API key: no other endpoint will do better."""
 
 
+class ServerUnavailableError(ServerError):
+    """No endpoint has answered for `outage_timeout_s`: the server is gone, waiting longer is pointless."""
+
+
+@dataclass
+class Outage:
+    """A time when every endpoint is down. Times are `time.monotonic()` readings."""
+
+    began_at: float
+    # A probe failed too: the server does not answer at all (not just one dropped connection).
+    confirmed: bool = False
+    expired: bool = False  # it lasted outage_timeout_s
+    ended_at: float | None = None
+
+
 @dataclass
 class ChatOutcome:
     """One chat completion after retries: content on success, a reason on failure."""
@@ -74,6 +95,8 @@ class ChatOutcome:
     status: int | None = None
     failure_reason: FailureReason | None = None
     error: str | None = None
+    # Set when the last attempt failed because its endpoint went down and no endpoint is up any more.
+    outage: Outage | None = None
 
 
 @dataclass
@@ -150,7 +173,7 @@ class Endpoint:
     base_url: str
     outstanding: int = 0
     healthy: bool = True
-    down_until: float = 0.0  # while down: when it is probed (or, if every endpoint is down, tried) next
+    probe_at: float = 0.0  # while down: when it is probed next
     requests: int = 0
     failures: int = 0
     limit: EndpointLimit | None = None
@@ -160,6 +183,7 @@ class Endpoint:
     taken_out: int = 0
     put_back: int = 0
     last_error: str | None = None
+    cause: str | None = None  # why it is down, short: "connection refused", "HTTP 503"
     last_pick: int = 0
 
     @property
@@ -186,6 +210,23 @@ def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | No
     return delay
 
 
+def connection_cause(error: BaseException) -> str:
+    """What went wrong with a connection, in a few words ("connection refused")."""
+    if isinstance(error, aiohttp.ClientConnectorDNSError):
+        return "host not found"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        if isinstance(error.os_error, ConnectionRefusedError):
+            return "connection refused"
+        return f"cannot connect: {error.os_error.strerror or error.os_error}"
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(error, asyncio.TimeoutError):
+        return "no answer in time"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[:1].lower() + error.strerror[1:]  # "connection reset by peer"
+    return f"{type(error).__name__}: {error!s}"
+
+
 def _retry_after_seconds(headers: aiohttp.typedefs.LooseHeaders) -> float | None:
     value = headers.get("Retry-After") if headers else None
     try:
@@ -197,13 +238,23 @@ def _retry_after_seconds(headers: aiohttp.typedefs.LooseHeaders) -> float | None
 class LLMClient:
     """One aiohttp session per run, shared by every request; use as `async with LLMClient(cfg)`."""
 
-    def __init__(self, config: ClientConfig, endpoint_limit: Callable[[str], EndpointLimit] | None = None):
-        """`endpoint_limit(base_url)` gives each endpoint its own concurrency limit (None: no per-endpoint cap)."""
+    def __init__(
+        self,
+        config: ClientConfig,
+        endpoint_limit: Callable[[str], EndpointLimit] | None = None,
+        log: Callable[[str], None] = print,
+    ):
+        """`endpoint_limit(base_url)` gives each endpoint its own concurrency limit (None: no per-endpoint cap);
+        `log` takes the lines that say when the servers stop and start answering."""
         self.config = config
         self.endpoints = [
             Endpoint(url, limit=endpoint_limit(url) if endpoint_limit else None) for url in config.base_urls
         ]
         self.model: str | None = config.model
+        self.max_model_len: int | None = None  # the model's context, as /v1/models reports it (vLLM does)
+        self.log = log
+        self._outage: Outage | None = None
+        self._outage_watch: asyncio.Task | None = None
         self.structured_output = True
         self._session: aiohttp.ClientSession | None = None
         self._started = time.monotonic()
@@ -230,6 +281,9 @@ class LLMClient:
 
     async def __aexit__(self, *exc_info) -> None:
         probes = list(self._probes.values())
+        if self._outage_watch is not None:
+            probes.append(self._outage_watch)
+            self._outage_watch = None
         for probe in probes:
             probe.cancel()
         await asyncio.gather(*probes, return_exceptions=True)
@@ -237,6 +291,15 @@ class LLMClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    @contextmanager
+    def log_to(self, log: Callable[[str], None]) -> Iterator[None]:
+        """Sends the outage lines to `log` (a run's log) while inside."""
+        previous, self.log = self.log, log
+        try:
+            yield
+        finally:
+            self.log = previous
 
     def _headers(self) -> dict[str, str]:
         if self.config.api_key is None:
@@ -251,11 +314,11 @@ class LLMClient:
 
     # -- endpoints -------------------------------------------------------------------------
 
-    def _pick_endpoint(self) -> Endpoint | None:
+    def _pick_endpoint(self, retrying: bool = False) -> Endpoint | None:
         """The least loaded healthy endpoint with room under its limit; None means wait.
 
-        When every endpoint is down, the one due first is tried anyway once its probe time has come,
-        so requests fail with a recorded reason instead of waiting forever for a dead fleet.
+        When every endpoint is down, a retry is sent anyway (to the endpoint probed next), so a request
+        fails within its retry bounds with a recorded reason; a first attempt waits for one to come back.
         """
         now = time.monotonic()
         healthy = [e for e in self.endpoints if e.healthy]
@@ -265,56 +328,127 @@ class LLMClient:
                 return None
             # Equal loads (an idle fleet) take turns, so a restarted endpoint is not flooded to catch up.
             chosen = min(with_room, key=lambda e: (e.load(now, self.config.metrics_max_age_s), e.last_pick))
+        elif retrying:
+            chosen = min(self.endpoints, key=lambda e: e.probe_at)
         else:
-            due = [e for e in self.endpoints if e.down_until <= now]
-            if not due:
-                return None
-            chosen = min(due, key=lambda e: e.down_until)
+            return None
         self._picks += 1
         chosen.last_pick = self._picks
         return chosen
 
-    async def _wait_for_endpoint(self) -> Endpoint:
-        while (endpoint := self._pick_endpoint()) is None:
-            if any(e.healthy for e in self.endpoints):
-                timeout = 1.0  # a slot frees or a limit grows; woken at once when a request ends
-            else:
-                timeout = max(0.0, min(e.down_until for e in self.endpoints) - time.monotonic()) + 0.01
+    async def _wait_for_endpoint(self, retrying: bool) -> Endpoint:
+        """The endpoint for the next attempt; raises ServerUnavailableError once an outage has lasted too long."""
+        while True:
+            if self._outage is not None and self._outage.expired:
+                raise self._unavailable()
+            endpoint = self._pick_endpoint(retrying)
+            if endpoint is not None:
+                return endpoint
+            # A slot frees, a limit grows or an endpoint comes back: woken at once by _notify.
             changed = self._changed
             try:
-                await asyncio.wait_for(changed.wait(), timeout)
+                await asyncio.wait_for(changed.wait(), 1.0)
             except TimeoutError:
                 pass
-        return endpoint
+
+    async def _pause(self, delay: float) -> None:
+        """The wait before a retry; during an outage it ends early when an endpoint is back or the outage expires."""
+        outage = self._outage
+        if outage is None:
+            await asyncio.sleep(delay)
+            return
+        deadline = time.monotonic() + delay
+        while outage.ended_at is None and not outage.expired and (left := deadline - time.monotonic()) > 0:
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), left)
+            except TimeoutError:
+                pass
+
+    async def wait_out(self, outage: Outage) -> bool:
+        """Waits until `outage` ends; whether it was a real one (the server did not answer a probe either)
+        rather than a connection dropped by a server that is up. Raises ServerUnavailableError when no
+        endpoint answers within `outage_timeout_s`."""
+        while outage.ended_at is None:
+            if outage.expired:
+                raise self._unavailable()
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), 1.0)
+            except TimeoutError:
+                pass
+        return outage.confirmed
 
     def _notify(self) -> None:
         """Wakes requests waiting for an endpoint (a request ended, an endpoint came back)."""
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _mark_down(self, endpoint: Endpoint, reason: str | None = None) -> None:
-        """Takes the endpoint out; a background probe (GET /v1/models) puts it back once it answers."""
+    def _mark_down(self, endpoint: Endpoint, cause: str, probe_now: bool = False) -> None:
+        """Takes the endpoint out; a background probe (GET /v1/models) puts it back once it answers.
+
+        `probe_now` probes at once rather than after the cooldown: a refused connection costs nothing to
+        check, and a server that is gone is then known (and said) at once.
+        """
         if endpoint.healthy:
             endpoint.healthy = False
             endpoint.taken_out += 1
-        endpoint.down_until = time.monotonic() + self.config.endpoint_cooldown_s
-        if reason:
-            endpoint.last_error = reason
+        endpoint.cause = endpoint.last_error = cause
+        if self._outage is None and not any(e.healthy for e in self.endpoints):
+            self._outage = Outage(began_at=time.monotonic())
         probe = self._probes.get(endpoint.base_url)
         if (probe is None or probe.done()) and self._session is not None:
-            self._probes[endpoint.base_url] = asyncio.get_running_loop().create_task(self._probe(endpoint))
+            first = 0.0 if probe_now else self.config.endpoint_cooldown_s
+            self._probes[endpoint.base_url] = asyncio.get_running_loop().create_task(self._probe(endpoint, first))
 
-    async def _probe(self, endpoint: Endpoint) -> None:
+    async def _probe(self, endpoint: Endpoint, first_delay_s: float) -> None:
+        # The probe keeps its own schedule: requests never wait for it, so it cannot move their retry time.
         interval = self.config.endpoint_cooldown_s
+        endpoint.probe_at = time.monotonic() + first_delay_s
         while not endpoint.healthy:
-            await asyncio.sleep(max(0.0, endpoint.down_until - time.monotonic()))
+            await asyncio.sleep(max(0.0, endpoint.probe_at - time.monotonic()))
             if endpoint.healthy:  # a request that was already on its way succeeded
                 break
             if await self._answers(endpoint):
                 self._put_back(endpoint)
                 break
+            self._confirm_outage()
+            endpoint.probe_at = time.monotonic() + interval
             interval = min(max(interval, 0.05) * 2, self.config.probe_interval_max_s)
-            endpoint.down_until = time.monotonic() + interval
+
+    def _confirm_outage(self) -> None:
+        """A probe failed while every endpoint is down: the outage is real. Said once, when it starts."""
+        outage = self._outage
+        if outage is None or outage.confirmed or any(e.healthy for e in self.endpoints):
+            return
+        outage.confirmed = True
+        self.log(
+            f"LLM server unreachable: {self._causes()}. Requests in flight are retried (up to "
+            f"{self.config.max_retries} times), new ones wait; giving up if no endpoint answers within "
+            f"{self.config.outage_timeout_s:g} s."
+        )
+        self._outage_watch = asyncio.get_running_loop().create_task(self._watch_outage(outage))
+
+    async def _watch_outage(self, outage: Outage) -> None:
+        """Expires the outage once it has lasted `outage_timeout_s`, unless a last probe finds an endpoint back."""
+        await asyncio.sleep(max(0.0, outage.began_at + self.config.outage_timeout_s - time.monotonic()))
+        if outage.ended_at is not None:
+            return
+        down = [e for e in self.endpoints if not e.healthy]
+        for endpoint, answers in zip(down, await asyncio.gather(*(self._answers(e) for e in down))):
+            if answers and not endpoint.healthy:
+                self._put_back(endpoint)
+        if outage.ended_at is None:
+            outage.expired = True
+            self._notify()
+
+    def _causes(self) -> str:
+        return "; ".join(f"{e.base_url}: {e.cause or 'no answer'}" for e in self.endpoints if not e.healthy)
+
+    def _unavailable(self) -> ServerUnavailableError:
+        return ServerUnavailableError(
+            f"no endpoint answered for {self.config.outage_timeout_s:g} s: {self._causes()}"
+        )
 
     async def _answers(self, endpoint: Endpoint) -> bool:
         try:
@@ -322,19 +456,31 @@ class LLMClient:
                 f"{endpoint.base_url}/models", timeout=aiohttp.ClientTimeout(total=5)
             ) as response:
                 if response.status != 200:
+                    endpoint.cause = f"HTTP {response.status} from /models"
                     endpoint.last_error = f"probe of {endpoint.base_url}/models: HTTP {response.status}"
                     return False
                 await response.read()
                 return True
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as error:
+            endpoint.cause = connection_cause(error)
             endpoint.last_error = f"probe of {endpoint.base_url}/models: {type(error).__name__}: {error!s}"
             return False
 
     def _put_back(self, endpoint: Endpoint) -> None:
         endpoint.healthy = True
         endpoint.put_back += 1
-        endpoint.down_until = 0.0
+        endpoint.probe_at = 0.0
         endpoint.metrics = None  # figures from before it died say nothing about the restarted server
+        outage, self._outage = self._outage, None
+        if outage is not None:
+            outage.ended_at = time.monotonic()
+            if self._outage_watch is not None:
+                self._outage_watch.cancel()
+                self._outage_watch = None
+            if outage.confirmed:
+                self.log(
+                    f"LLM server answers again: {endpoint.base_url}, after {outage.ended_at - outage.began_at:.0f} s"
+                )
         self._notify()
 
     async def _send(self, endpoint: Endpoint, body: dict) -> tuple[ChatOutcome, float | None]:
@@ -348,11 +494,17 @@ class LLMClient:
             endpoint.limit.observe_response(time.perf_counter() - started, outcome.ok, outcome.completion_tokens)
         if not outcome.ok and outcome.error:
             endpoint.last_error = outcome.error
+        if outcome.status is not None and outcome.status not in (502, 503) and not endpoint.healthy:
+            self._put_back(endpoint)  # it answers: back before its probe noticed
         return outcome, retry_after
 
     # -- server information --------------------------------------------------------------
 
     async def list_models(self, base_url: str | None = None) -> list[str]:
+        return list(await self._served_models(base_url))
+
+    async def _served_models(self, base_url: str | None = None) -> dict[str, dict]:
+        """The /v1/models entries by model id."""
         url = f"{base_url or self.endpoints[0].base_url}/models"
         try:
             async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as response:
@@ -365,7 +517,7 @@ class LLMClient:
                 body = await response.json(content_type=None)
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             raise ServerError(f"cannot reach the LLM server at {url}: {error!s}") from None
-        return [item["id"] for item in body.get("data", []) if "id" in item]
+        return {item["id"]: item for item in body.get("data", []) if isinstance(item, dict) and "id" in item}
 
     async def resolve_model(self) -> str:
         """The model to use; fails early, naming what is served, when the configured one is not.
@@ -374,9 +526,9 @@ class LLMClient:
         answers) as long as another one answers, so a run can start while a replica restarts.
         """
         answers = await asyncio.gather(
-            *(self.list_models(e.base_url) for e in self.endpoints), return_exceptions=True
+            *(self._served_models(e.base_url) for e in self.endpoints), return_exceptions=True
         )
-        reachable = [(e, served) for e, served in zip(self.endpoints, answers) if isinstance(served, list)]
+        reachable = [(e, served) for e, served in zip(self.endpoints, answers) if isinstance(served, dict)]
         for answer in answers:
             if isinstance(answer, BaseException) and (isinstance(answer, CredentialsError) or not reachable):
                 raise answer
@@ -389,7 +541,7 @@ class LLMClient:
         if not served:
             raise ServerError(f"{first.base_url} serves no model")
         if self.model is None:
-            self.model = served[0]
+            self.model = next(iter(served))
         for endpoint, served in reachable:
             if self.model not in served:
                 raise ServerError(
@@ -397,6 +549,9 @@ class LLMClient:
                     f"it serves: {', '.join(served) or 'nothing'}. Set QA_PIPELINE_LLM_MODEL to a model "
                     "every endpoint in QA_PIPELINE_LLM_BASE_URL serves."
                 )
+        lengths = [entries[self.model].get("max_model_len") for _, entries in reachable]
+        lengths = [length for length in lengths if isinstance(length, int) and length > 0]
+        self.max_model_len = min(lengths) if lengths else None
         return self.model
 
     async def metrics(self, base_url: str | None = None) -> ServerMetrics | None:
@@ -453,7 +608,8 @@ class LLMClient:
         temperature: float = 0.0,
         seed: int | None = None,
     ) -> ChatOutcome:
-        """One chat completion with bounded, jittered retries; never raises for server trouble."""
+        """One chat completion with bounded, jittered retries; fails with a recorded reason, and raises only
+        ServerUnavailableError, once no endpoint has answered for `outage_timeout_s`."""
         body: dict = {
             "model": self.model,
             "messages": list(messages),
@@ -469,15 +625,21 @@ class LLMClient:
                 body["response_format"] = response_format
             else:
                 body.pop("response_format", None)
-            endpoint = await self._wait_for_endpoint()
+            endpoint = await self._wait_for_endpoint(retrying=attempt > 0)
             outcome, retry_after = await self._send(endpoint, body)
             outcome.attempts = attempt + 1
             if outcome.ok or not self._should_retry(outcome, body):
                 break
             if attempt < self.config.max_retries:
-                await asyncio.sleep(
-                    backoff_delay(attempt, self.config.backoff_base_s, self.config.backoff_max_s, retry_after)
-                )
+                delay = backoff_delay(attempt, self.config.backoff_base_s, self.config.backoff_max_s, retry_after)
+                if self._outage is not None:
+                    # Every endpoint is down: a restarting server needs longer than a backoff step.
+                    delay = max(delay, self.config.endpoint_cooldown_s)
+                await self._pause(delay)
+        if not outcome.ok and self._outage is not None and (
+            outcome.failure_reason is FailureReason.CONNECTION_ERROR or outcome.status in (502, 503)
+        ):
+            outcome.outage = self._outage
         outcome.latency_s = time.perf_counter() - started
         return outcome
 
@@ -511,12 +673,13 @@ class LLMClient:
             ), None
         except (aiohttp.ClientError, ConnectionError) as error:
             endpoint.failures += 1
-            self._mark_down(endpoint)
+            cause = connection_cause(error)
+            self._mark_down(endpoint, cause, probe_now=True)
             return ChatOutcome(
                 ok=False,
                 endpoint=endpoint.base_url,
                 failure_reason=FailureReason.CONNECTION_ERROR,
-                error=f"{url}: {type(error).__name__}: {error!s}",
+                error=f"{url}: {cause}",
             ), None
         except ValueError as error:
             return ChatOutcome(
@@ -528,7 +691,6 @@ class LLMClient:
             ), None
         finally:
             endpoint.outstanding -= 1
-        endpoint.healthy = True
         return outcome_from_payload(payload, endpoint.base_url), None
 
     def _encode(self, body: dict) -> bytes:
@@ -551,7 +713,7 @@ class LLMClient:
             reason = FailureReason.MODEL_NOT_FOUND
         elif status in (502, 503):
             # A replica that is restarting or overloaded: let the others take the load for a while.
-            self._mark_down(endpoint)
+            self._mark_down(endpoint, f"HTTP {status}")
         return ChatOutcome(
             ok=False,
             status=status,

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel
 
-from qa_pipeline.core.client import ChatOutcome, LLMClient
+from qa_pipeline.core.client import ChatOutcome, LLMClient, ServerUnavailableError
 from qa_pipeline.core.concurrency import ConcurrencyGate, ConcurrencyLimit
 from qa_pipeline.core.dispatch import Dispatcher
 from qa_pipeline.core.dispatch import StalledError as StalledError  # raised by Generator.run
@@ -33,8 +33,6 @@ from qa_pipeline.core.prompts import (
 )
 from qa_pipeline.core.settings import DEFAULT_MAX_TOKENS, DEFAULT_STALL_TIMEOUT_S
 from qa_pipeline.core.storage import ChunkResult, Journal
-
-
 
 
 class GenerationSettings(BaseModel):
@@ -73,6 +71,8 @@ REASKED_REASONS = frozenset(
 )
 # Greedy decoding (temperature 0) would repeat the same answer, so a re-ask samples instead.
 REASK_TEMPERATURE = 0.7
+# A re-ask of an answer cut by max_tokens doubles the budget, up to this many times the configured one.
+MAX_BUDGET_GROWTH = 4
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -214,7 +214,9 @@ def request_hash(model: str, messages: Sequence[dict], settings: GenerationSetti
     return request_hasher(model, settings, schema)(messages)
 
 
-def result_from_outcome(task: ChunkTask, key: str, model: str, outcome: ChatOutcome) -> ChunkResult:
+def result_from_outcome(
+    task: ChunkTask, key: str, model: str, outcome: ChatOutcome, max_tokens: int | None = None
+) -> ChunkResult:
     """A journal record for one chunk: validated pairs, or the reason there are none."""
     common = {
         "document": task.document,
@@ -229,6 +231,7 @@ def result_from_outcome(task: ChunkTask, key: str, model: str, outcome: ChatOutc
         "prompt_version": PROMPT_VERSION,
         "finished_at": datetime.now(UTC),
         "http_status": outcome.status,
+        "max_tokens_used": max_tokens,
     }
     if not outcome.ok:
         return ChunkResult(ok=False, reason=outcome.failure_reason, detail=outcome.error, **common)
@@ -237,6 +240,30 @@ def result_from_outcome(task: ChunkTask, key: str, model: str, outcome: ChatOutc
     except ParseError as error:
         return ChunkResult(ok=False, reason=error.reason, detail=error.detail, **common)
     return ChunkResult(ok=True, pairs=pairs, **common)
+
+
+@dataclass
+class _Spent:
+    """What the requests for one chunk cost, over every ask."""
+
+    asks: int = 0
+    attempts: int = 0
+    latency_s: float = 0.0
+    output_tokens: int = 0
+
+    def add(self, outcome: ChatOutcome) -> None:
+        self.asks += 1
+        self.attempts += outcome.attempts
+        self.latency_s += outcome.latency_s
+        self.output_tokens += outcome.completion_tokens
+
+
+class _LostToOutage(Exception):
+    """A chunk whose request ran out of retries while no endpoint answered, and none came back in time."""
+
+    def __init__(self, result: ChunkResult, output_tokens: int, error: ServerUnavailableError):
+        super().__init__(str(error))
+        self.result, self.output_tokens, self.error = result, output_tokens, error
 
 
 def _interrupted(progress: Progress, abandoned: int) -> GenerationInterrupted:
@@ -361,6 +388,7 @@ class Generator:
             with ExitStack() as stack:
                 # Entered first, left last: a signal is passed on only after the journals are closed.
                 stack.enter_context(stop_on_signals(stop, abandon, self.log))
+                stack.enter_context(self.client.log_to(self.log))
                 for journal in journals.values():
                     stack.enter_context(journal)
                 await self._dispatch(todo, model, journals, finished, progress, report, stop, abandon, chunk_done)
@@ -397,10 +425,20 @@ class Generator:
             log=self.log,
         )
 
+        lost: list[ChunkResult] = []
+
         async def ask(item) -> tuple[ChunkResult, int]:
             task, messages, key = item
             report.sent += 1
-            return await self._ask(task, messages, key, model)
+            try:
+                return await self._ask(task, messages, key, model)
+            except _LostToOutage as outage:
+                # Saved as failed (the next run sends it again); the outage is said once, by the run's error.
+                journals[task.document].append(outage.result)
+                finished[task.document][key] = outage.result
+                progress.advance(failed=True, output_tokens=outage.output_tokens)
+                lost.append(outage.result)
+                raise outage.error from None
 
         def answered(item, answer: tuple[ChunkResult, int]) -> None:
             (task, _, key), (result, output_tokens) = item, answer
@@ -414,6 +452,12 @@ class Generator:
         monitor = asyncio.create_task(self._monitor(dispatcher.gate, progress, report, started=time.monotonic()))
         try:
             dispatched = await dispatcher.run(todo, ask, on_done=answered)
+        except ServerUnavailableError as error:
+            failed = f", {len(lost)} of them as {lost[0].reason} after their retries ran out" if lost else ""
+            raise ServerUnavailableError(
+                f"{error}. Finished chunks are saved ({progress.done}/{progress.total}{failed}); "
+                "start the server (or fix QA_PIPELINE_LLM_BASE_URL) and re-run to resume."
+            ) from None
         finally:
             monitor.cancel()
             await asyncio.gather(monitor, return_exceptions=True)
@@ -425,35 +469,59 @@ class Generator:
 
         An answer the parser rejects (invalid JSON, a missing field, cut by max_tokens) is asked
         again up to `parse_retries` times, with another seed and, if decoding is greedy, a sampling
-        temperature, since the same request would get the same answer. The record keeps the
-        original request hash: it answers that request, and a re-run finds it in the cache.
+        temperature, since the same request would get the same answer; an answer cut by max_tokens
+        with a larger budget too (see `_larger_budget`). The record keeps the original request hash:
+        it answers that request, and a re-run finds it in the cache.
         """
-        attempts, latency_s, output_tokens = 0, 0.0, 0
+        spent, budget = _Spent(), self.settings.max_tokens
         for ask in range(self.parse_retries + 1):
             temperature, seed = self.settings.temperature, self.settings.seed
             if ask:
                 temperature = temperature or REASK_TEMPERATURE
                 seed = None if seed is None else seed + ask
-            outcome = await self.client.chat(
-                messages,
-                response_format=self.schema,
-                max_tokens=self.settings.max_tokens,
-                temperature=temperature,
-                seed=seed,
-            )
-            self.limiter.observe_response(outcome.latency_s, outcome.ok, outcome.completion_tokens)
-            attempts += outcome.attempts
-            latency_s += outcome.latency_s
-            output_tokens += outcome.completion_tokens
-            result = result_from_outcome(task, key, model, outcome)
+            outcome = await self._chat(task, key, model, messages, budget, temperature, seed, spent)
+            result = result_from_outcome(task, key, model, outcome, max_tokens=budget)
             if result.ok or result.reason not in REASKED_REASONS:
                 break
-        if not ask:
-            return result, output_tokens  # asked once: the record already has the outcome's figures
-        update: dict = {"attempts": attempts, "latency_s": latency_s}
-        if not result.ok:
+            if result.reason == FailureReason.TRUNCATED:
+                budget = self._larger_budget(budget, outcome.prompt_tokens)
+        if spent.asks == 1:
+            return result, spent.output_tokens  # asked once: the record already has the outcome's figures
+        update: dict = {"attempts": spent.attempts, "latency_s": spent.latency_s}
+        if not result.ok and ask:
             update["detail"] = f"{result.detail} (asked {ask + 1} times)"
-        return result.model_copy(update=update), output_tokens
+        return result.model_copy(update=update), spent.output_tokens
+
+    async def _chat(
+        self, task: ChunkTask, key: str, model: str, messages, max_tokens: int, temperature: float,
+        seed: int | None, spent: _Spent,
+    ) -> ChatOutcome:
+        """One ask. A request whose retries ran out while no endpoint answered is sent again once one
+        does; if none does within the client's outage timeout, the chunk is lost to the outage."""
+        while True:
+            outcome = await self.client.chat(
+                messages, response_format=self.schema, max_tokens=max_tokens, temperature=temperature, seed=seed
+            )
+            self.limiter.observe_response(outcome.latency_s, outcome.ok, outcome.completion_tokens)
+            spent.add(outcome)
+            if outcome.outage is None:
+                return outcome
+            try:
+                if not await self.client.wait_out(outcome.outage):
+                    return outcome  # the server was up: a connection it dropped is this chunk's failure
+            except ServerUnavailableError as error:
+                result = result_from_outcome(task, key, model, outcome, max_tokens=max_tokens)
+                result = result.model_copy(update={"attempts": spent.attempts, "latency_s": spent.latency_s})
+                raise _LostToOutage(result, spent.output_tokens, error) from None
+
+    def _larger_budget(self, budget: int, prompt_tokens: int) -> int:
+        """The max_tokens for re-asking an answer cut at `budget`: twice as many, up to MAX_BUDGET_GROWTH
+        times the configured max_tokens and within the model's context (max_model_len as the server
+        reports it, less the prompt's tokens when the server counted them)."""
+        ceiling = MAX_BUDGET_GROWTH * self.settings.max_tokens
+        if self.client.max_model_len is not None:
+            ceiling = min(ceiling, self.client.max_model_len - prompt_tokens)
+        return max(budget, min(2 * budget, ceiling))
 
     async def _monitor(self, gate: ConcurrencyGate, progress: Progress, report: GenerationReport, started) -> None:
         """Samples load and server metrics for the run's metadata and the concurrency controller."""

@@ -27,6 +27,7 @@ DEFAULT_MAX_TOKENS = 1024
 DEFAULT_TEMPERATURE = 0.0
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
 DEFAULT_STALL_TIMEOUT_S = 900.0
+DEFAULT_OUTAGE_TIMEOUT_S = 120.0
 DEFAULT_FAILURE_THRESHOLD = 0.05
 DEFAULT_SAMPLE_SIZE = 100
 # Documents per run of `qa_pairs` (and `chunks`): see README, "Runs span documents", for the measurement.
@@ -120,6 +121,7 @@ class LLMSettings(_Group):
     judge_model: str | None = Field(None, description="the judge's model (default: the generator's)")
     request_timeout_s: Seconds = DEFAULT_REQUEST_TIMEOUT_S
     stall_timeout_s: Seconds = DEFAULT_STALL_TIMEOUT_S
+    outage_timeout_s: Seconds = DEFAULT_OUTAGE_TIMEOUT_S
 
     @field_validator("llm_base_url", "llm_model", "judge_base_url", "judge_model", "llm_api_key", mode="before")
     @classmethod

@@ -154,6 +154,7 @@ class ChunkResult(BaseModel):
     completion_tokens: int = 0
     prompt_version: str = ""
     finished_at: datetime
+    max_tokens_used: int | None = None  # the max_tokens of the request that gave this result
 
 
 class StorageFullError(OSError):

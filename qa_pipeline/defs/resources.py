@@ -47,6 +47,7 @@ class LLMResource(dg.ConfigurableResource):
     api_key_env_var: str = API_KEY_ENV
     request_timeout_s: defaults.Seconds = defaults.DEFAULT_REQUEST_TIMEOUT_S
     stall_timeout_s: defaults.Seconds = defaults.DEFAULT_STALL_TIMEOUT_S
+    outage_timeout_s: defaults.Seconds = defaults.DEFAULT_OUTAGE_TIMEOUT_S
     connect_timeout_s: defaults.Seconds = 10.0
     max_retries: int = 4
     backoff_base_s: float = 0.5
@@ -68,6 +69,7 @@ class LLMResource(dg.ConfigurableResource):
             model=model,
             request_timeout_s=settings.request_timeout_s,
             stall_timeout_s=settings.stall_timeout_s,
+            outage_timeout_s=settings.outage_timeout_s,
             data_dir=data_dir,
         )
 
@@ -80,6 +82,7 @@ class LLMResource(dg.ConfigurableResource):
             connect_timeout_s=self.connect_timeout_s,
             max_retries=self.max_retries,
             backoff_base_s=self.backoff_base_s,
+            outage_timeout_s=self.outage_timeout_s,
         )
 
     @asynccontextmanager
