@@ -116,6 +116,9 @@ def command_run(args: argparse.Namespace) -> int:
                 f"so no further document was started. Check the server. {RESUME_HINT}",
                 file=sys.stderr,
             )
+        elif outcome.stopped in ("unavailable", "disk_full"):
+            what = "no LLM endpoint answered" if outcome.stopped == "unavailable" else "the data directory is full"
+            print(f"qa-pipeline run: stopped: {what} (see the reason above). {RESUME_HINT}", file=sys.stderr)
         return 1
     print(outcome.report_markdown)
     _print_checks(outcome.checks)

@@ -37,7 +37,7 @@ EMBEDDED_SECONDS_PER_LEVEL = 60.0
 
 # Error classes (by name: they cross Dagster's error serialization) that end the command early.
 _INTERRUPTS = {"GenerationInterrupted", "KeyboardInterrupt", "DagsterExecutionInterruptedError"}
-_STALLS = {"StalledError"}
+_STOPS = {"StalledError": "stalled", "ServerUnavailableError": "unavailable", "StorageFullError": "disk_full"}
 
 
 @dataclass
@@ -74,7 +74,8 @@ class PipelineOutcome:
     checks: list[CheckVerdict] = field(default_factory=list)
     report_markdown: str = ""
     runs: list[str] = field(default_factory=list)  # Dagster run ids, for the UI
-    # Why the command ended before every document was tried: "interrupted" (a signal) or "stalled" (the server).
+    # Why the command ended before every document was tried: "interrupted" (a signal), "stalled" or
+    # "unavailable" (the server), "disk_full", "server" (checked before any run) or "benchmark".
     stopped: str | None = None
 
 
@@ -288,8 +289,7 @@ def _failure_messages(result: dg.ExecuteInProcessResult) -> dict[str, str]:
 
 
 def _stop_reason(result: dg.ExecuteInProcessResult) -> str | None:
-    """"interrupted" when a signal ended the run, "stalled" when the server stopped making progress:
-    either way no further run starts."""
+    """Why no further run may start: a signal, a stalled or unreachable server, a full disk (or None)."""
     for event in result.all_events:
         if not event.is_step_failure or event.step_failure_data is None:
             continue
@@ -297,8 +297,8 @@ def _stop_reason(result: dg.ExecuteInProcessResult) -> str | None:
         while error is not None:
             if error.cls_name in _INTERRUPTS:
                 return "interrupted"
-            if error.cls_name in _STALLS:
-                return "stalled"
+            if error.cls_name in _STOPS:
+                return _STOPS[error.cls_name]
             error = error.cause
     if result.dagster_run.status == dg.DagsterRunStatus.CANCELED:
         return "interrupted"
