@@ -123,3 +123,46 @@ def test_space_needed_grows_with_the_chunks_left(tmp_path):
             journal.append(result(key))
     size = journal.path.stat().st_size
     assert journal_space_needed([journal], chunks_left=10) == size + 2 * 5 * size
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A real 2 MB file system (tmpfs) for a data folder; unmounted after the test."""
+    mount_point = tmp_path / "small-data"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_a_run_on_a_disk_that_fills_up_stops_sending_at_the_first_failed_write_and_names_the_path(
+    simulator, small_disk, tmp_path
+):
+    import json
+
+    from qa_pipeline_tests.conftest import cli_env, run_cli
+
+    sim = simulator(zero_latency=True, output_tokens_mean=400, output_tokens_sigma=0, output_tokens_max=600)
+    data = small_disk / "data"
+    (data / "sources").mkdir(parents=True)
+    records = [f"Record {i}: the nightly export writes {i * 7} rows to table t{i % 5}." for i in range(3000)]
+    (data / "sources" / "records.jsonl").write_text("".join(json.dumps({"content": r}) + "\n" for r in records))
+    env = cli_env(data, sim.base_url, DAGSTER_HOME=str(tmp_path / "dagster_home"))
+
+    run = run_cli("run", "--skip-benchmark", "--concurrency", "8", env=env, check=False, timeout=300)
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    output = run.stdout + run.stderr
+    assert "cannot write" in output and "no space left on the device" in output, output[-3000:]
+    assert "the data directory is full" in output
+    from qa_pipeline.core.layout import DataLayout
+
+    journal = DataLayout(data).journal_file("records.jsonl")
+    saved = sum(1 for line in journal.read_text(errors="replace").splitlines() if line.endswith("}"))
+    sent = sim.stats()["requests_total"]
+    assert saved > 0 and sent - saved <= 8 + 1, f"{sent} sent, {saved} saved: at most the requests in flight are lost"

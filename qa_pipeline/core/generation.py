@@ -32,7 +32,7 @@ from qa_pipeline.core.prompts import (
     response_format,
 )
 from qa_pipeline.core.settings import DEFAULT_MAX_TOKENS, DEFAULT_STALL_TIMEOUT_S
-from qa_pipeline.core.storage import ChunkResult, Journal
+from qa_pipeline.core.storage import ChunkResult, Journal, StorageFullError, format_bytes, journal_space_needed
 
 
 class GenerationSettings(BaseModel):
@@ -452,6 +452,11 @@ class Generator:
         monitor = asyncio.create_task(self._monitor(dispatcher.gate, progress, report, started=time.monotonic()))
         try:
             dispatched = await dispatcher.run(todo, ask, on_done=answered)
+        except StorageFullError as error:
+            # The first write that failed stopped the sending; say roughly how much room the rest needs.
+            needed = journal_space_needed(journals.values(), progress.total - progress.done)
+            more = f" The rest of the run needs about {format_bytes(needed)} for its journals." if needed else ""
+            raise StorageFullError(error.errno, f"{error} ({progress.done}/{progress.total} chunks saved){more}") from None
         except ServerUnavailableError as error:
             failed = f", {len(lost)} of them as {lost[0].reason} after their retries ran out" if lost else ""
             raise ServerUnavailableError(
