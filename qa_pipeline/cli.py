@@ -298,6 +298,10 @@ def _seconds(text: str) -> float:
     return _checked(defaults.Seconds, text, "a number of seconds > 0")
 
 
+def _positive_int(text: str) -> int:
+    return _checked(defaults.PositiveInt, text, "a whole number >= 1")
+
+
 def _fraction(text: str) -> float:
     return _checked(defaults.Fraction, text, "a fraction from 0 to 1")
 
@@ -325,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="data root (default: $QA_PIPELINE_DATA_DIR or ./data)")
     run.add_argument("--sources-dir", help="source documents (default: DATA_DIR/sources)")
     run.add_argument("--documents", nargs="*", metavar="GLOB", help="only documents matching these patterns")
-    run.add_argument("--limit", type=int, help="at most this many documents (in name order)")
+    run.add_argument("--limit", type=_positive_int, help="at most this many documents (in name order)")
     run.add_argument(
         "--concurrency",
         type=_concurrency,
@@ -335,10 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--levels", help="concurrency levels to benchmark, e.g. 1,4,8,16,32,64")
     run.add_argument(
-        "--sample-size", type=int, default=defaults.DEFAULT_SAMPLE_SIZE, help="chunks in the stratified test sample"
+        "--sample-size", type=_positive_int, default=defaults.DEFAULT_SAMPLE_SIZE, help="chunks in the stratified test sample"
     )
     run.add_argument(
-        "--max-tokens", type=int, default=defaults.DEFAULT_MAX_TOKENS, help="max_tokens per generation request"
+        "--max-tokens", type=_positive_int, default=defaults.DEFAULT_MAX_TOKENS, help="max_tokens per generation request"
     )
     run.add_argument(
         "--question-types",
@@ -421,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_batch.add_argument("file")
     export_batch.add_argument("--data-dir")
     export_batch.add_argument("--model", help="served model name (default: $QA_PIPELINE_LLM_MODEL)")
-    export_batch.add_argument("--max-tokens", type=int, default=defaults.DEFAULT_MAX_TOKENS)
+    export_batch.add_argument("--max-tokens", type=_positive_int, default=defaults.DEFAULT_MAX_TOKENS)
     export_batch.add_argument("--temperature", type=float, default=0.0)
     export_batch.add_argument("--question-types", help="comma-separated (default: factual,conceptual,comparison)")
     export_batch.add_argument("--documents", nargs="*", metavar="GLOB", help="only documents matching these patterns")
