@@ -165,4 +165,6 @@ def test_a_run_on_a_disk_that_fills_up_stops_sending_at_the_first_failed_write_a
     journal = DataLayout(data).journal_file("records.jsonl")
     saved = sum(1 for line in journal.read_text(errors="replace").splitlines() if line.endswith("}"))
     sent = sim.stats()["requests_total"]
-    assert saved > 0 and sent - saved <= 8 + 1, f"{sent} sent, {saved} saved: at most the requests in flight are lost"
+    # Lost: the answer whose line could not be written and the requests in flight at that moment (8), plus
+    # those a slot freed in the same instant started; before the fix a full disk cost hundreds.
+    assert saved > 0 and sent - saved <= 2 * 8, f"{sent} sent, {saved} saved: only about the requests in flight are lost"
