@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,17 +33,25 @@ def result(key: str) -> ChunkResult:
     )
 
 
-@pytest.fixture
-def full_disk(tmp_path) -> Path:
-    """A real 256 KB file system (tmpfs), filled to the last block; unmounted after the test."""
-    mount_point = tmp_path / "small-disk"
+@contextmanager
+def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A real file system of `size` (tmpfs) at `mount_point`; unmounted on the way out."""
     mount_point.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], capture_output=True, text=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True, text=True
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+        pytest.skip(f"cannot mount a small tmpfs (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
     try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def full_disk(tmp_path) -> Iterator[Path]:
+    """A real 256 KB file system, filled to the last block."""
+    with tmpfs(tmp_path / "small-disk", "256k") as mount_point:
         (mount_point / "data").mkdir()
         with (mount_point / "filler").open("wb", buffering=0) as filler:
             try:
@@ -50,8 +60,6 @@ def full_disk(tmp_path) -> Path:
             except OSError:  # the disk is full
                 pass
         yield mount_point / "data"
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def free_space_of(path: Path) -> int:
@@ -126,19 +134,10 @@ def test_space_needed_grows_with_the_chunks_left(tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path) -> Path:
-    """A real 2 MB file system (tmpfs) for a data folder; unmounted after the test."""
-    mount_point = tmp_path / "small-data"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
-    try:
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A real 2 MB file system for a data folder."""
+    with tmpfs(tmp_path / "small-data", "2m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
 def test_a_run_on_a_disk_that_fills_up_stops_sending_at_the_first_failed_write_and_names_the_path(
