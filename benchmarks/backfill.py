@@ -1,8 +1,9 @@
 """Benchmark P3: a backfill of many small document partitions through Dagster, on a real instance.
 
 A temporary DAGSTER_HOME with the queued run coordinator, `dagster-daemon run` (backfill daemon and
-run queue), and an asset backfill of `qa_pairs` as the UI submits one; under the single-run backfill
-policy of benchmarks/backfill_definitions.py the daemon turns it into one run over all documents.
+run queue), and an asset backfill of `qa_pairs` (with its checks) as the UI submits one, with no run
+config; under the project's default policy (up to 1,000 documents a run, benchmarks/backfill_definitions.py)
+the daemon turns a backfill of 100 documents into one run over all of them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class BackfillResult:
     duration_s: float  # from submitting the backfill to the end of its last run
     first_run_start_s: float  # from submitting to the first run's start
     queue_duration_s: float  # the Generator's work queue inside the run (its `duration_s` metadata)
+    check_evaluations: int = 0  # the checks' verdicts recorded by the runs (three per document)
     phases: dict[str, float] = field(default_factory=dict)  # seconds between the run's own events
     running_samples: list[float] = field(default_factory=list)  # the server's running requests, sampled
 
@@ -105,13 +107,15 @@ def run_backfill(
     base_url: str,
     documents: int,
     chunks_per_document: int,
-    qa_pairs_config: dict,
     output_tokens_total: Callable[[], int],
     log: Callable[[str], None] = print,
     timeout_s: float = 900.0,
+    documents_per_run: str | None = None,
 ) -> BackfillResult:
     """Backfills `qa_pairs` for `documents` partitions as the UI's "Materialize" does (an asset
-    backfill that the daemon turns into runs), and measures from submission to the last run's end."""
+    backfill that the daemon turns into runs, with no run config: the project's defaults), and measures
+    from submission to the last run's end. `documents_per_run` sets QA_PIPELINE_DOCUMENTS_PER_RUN for
+    the code location (None: the project's default)."""
     from dagster._core.execution.backfill import PartitionBackfill  # the UI's own backfill record
     from dagster._core.utils import make_new_backfill_id
 
@@ -134,6 +138,7 @@ def run_backfill(
             "QA_PIPELINE_DATA_DIR": str(data),
             "QA_PIPELINE_LLM_BASE_URL": base_url,
             "PYTHONPATH": str(REPO),
+            **({"QA_PIPELINE_DOCUMENTS_PER_RUN": documents_per_run} if documents_per_run else {}),
         }
         with dg.DagsterInstance.from_config(str(home)) as instance:
             instance.add_dynamic_partitions("documents", keys)
@@ -170,7 +175,7 @@ def run_backfill(
                         all_partitions=False,
                         title="benchmark P3",
                         description=None,
-                        run_config={"ops": {"qa_pairs": {"config": qa_pairs_config}}},
+                        run_config={},
                     )
                 )
                 log(f"P3: backfill of {len(keys)} documents submitted; waiting for the daemon and the run(s)")
@@ -193,6 +198,10 @@ def run_backfill(
             )
             phases = _run_phases(instance, records[0], submitted, queue_duration_s) if len(records) == 1 else {}
             statuses = instance.get_status_by_partition(qa_pairs.key, keys, qa_pairs.partitions_def)
+            check_evaluations = sum(
+                len(instance.all_logs(r.dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION))
+                for r in records
+            )
         ended = max(r.end_time for r in records if r.end_time)
         started = min(r.start_time for r in records if r.start_time)
         succeeded = sum(status == dg.AssetPartitionStatus.MATERIALIZED for status in (statuses or {}).values())
@@ -206,6 +215,7 @@ def run_backfill(
             duration_s=ended - submitted,
             first_run_start_s=started - submitted,
             queue_duration_s=queue_duration_s,
+            check_evaluations=check_evaluations,
             phases=phases,
             running_samples=samples,
         )

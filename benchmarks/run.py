@@ -1,8 +1,9 @@
-"""Throughput benchmarks P1-P5 of issue 5, side by side on simulator processes; one line per target.
+"""Throughput benchmarks P1-P5 of issue 5 and P6-P7 of issue 12, on simulator processes; one line per target.
 
-    python benchmarks/run.py            # the full set, about 14 minutes on a quiet 2-core machine
-    python benchmarks/run.py --quick    # smaller workloads (about 6.5 minutes): a smoke test, not the targets
+    python benchmarks/run.py            # the full set
+    python benchmarks/run.py --quick    # smaller workloads: a smoke test, not the targets
     python benchmarks/run.py --only P1,P4
+    python benchmarks/run.py --only P3,P6,P7 --documents-per-run 1,50   # also with other documents per run
 
 Each line reads `NAME measure=value target>=goal PASS|FAIL (details)`. Plots and a JSON of the
 figures go to --out (default benchmarks/results).
@@ -15,6 +16,7 @@ import asyncio
 import json
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.backfill import run_backfill  # noqa: E402
+from benchmarks.doc_site import build_pages, write_pages  # noqa: E402
+from benchmarks.doc_site_run import regenerate_through_sensor, run_cli  # noqa: E402
 from benchmarks.shared_runs import run_shared  # noqa: E402
 from benchmarks.workloads import (  # noqa: E402
     SETTINGS,
@@ -57,10 +61,13 @@ class Sizes:
     sweep_levels: tuple[int, ...]
     shared_runs: int = 4  # P3 with several runs at once: runs, each over this many documents of 20 chunks
     shared_documents_per_run: int = 10
+    doc_site_pages: int = 300  # P6/P7
+    changed_page_every: int = 6  # P7 edits every 6th page
 
 
 FULL = Sizes(2000, 400, 100, 20, 10000, 30.0, SWEEP_LEVELS)
-QUICK = Sizes(600, 300, 100, 5, 3000, 12.0, (1, 8, 32, 64, 128), shared_documents_per_run=4)
+QUICK = Sizes(600, 300, 100, 5, 3000, 12.0, (1, 8, 32, 64, 128), shared_documents_per_run=4, doc_site_pages=60)
+ALL = ("P1", "P2", "P3", "P4", "P5", "P6", "P7")
 # Fixed levels per run that P3's several-runs comparison tries: 4 x 32 is the best single-run level.
 SHARED_FIXED_LEVELS = (32, 64)
 
@@ -70,18 +77,23 @@ class Line:
     name: str
     measure: str
     value: float
-    goal: float
+    goal: float | None  # None: a figure for the record, not a target
     details: str
-    higher_is_better: bool = True
 
     @property
     def passed(self) -> bool:
-        return self.value >= self.goal
+        return self.goal is not None and self.value >= self.goal
+
+    @property
+    def verdict(self) -> str:
+        return "-" if self.goal is None else "PASS" if self.passed else "FAIL"
 
     def text(self) -> str:
         value = f"{self.value:.0f}" if self.value >= 100 else f"{self.value:.3f}"
+        if self.goal is None:
+            return f"{self.name} {self.measure}={value} (not a target; {self.details})"
         goal = f"{self.goal:.0f}" if self.goal >= 100 else f"{self.goal:g}"
-        return f"{self.name} {self.measure}={value} target>={goal} {'PASS' if self.passed else 'FAIL'} ({self.details})"
+        return f"{self.name} {self.measure}={value} target>={goal} {self.verdict} ({self.details})"
 
 
 @dataclass
@@ -225,43 +237,144 @@ def shared_runs_comparison(session: Session, base_url: str, ceiling: float) -> N
     ))
 
 
-def backfill_workload(session: Session) -> None:
-    """P3 on the simulator's default capacity model (ceiling 2,461 tok/s): 100 x 20 chunks take about
+def backfill_workload(session: Session, variants: list[str]) -> None:
+    """P3 on the simulator's default capacity model (ceiling 2,462 tok/s): 100 x 20 chunks take about
     four minutes at the ceiling, long enough that the daemon's pace (it looks at new backfills every
-    30 s) is part of the measure without being all of it."""
+    30 s) is part of the measure without being all of it. The project's defaults: no run config, the
+    default documents per run (then each of `variants`, for the record)."""
     with start_simulator_process(**BACKFILL_PROFILE) as sim:
         ceiling = sim.stats()["ceiling_output_tokens_per_s"]
         log(f"simulator {BACKFILL_PROFILE} (defaults otherwise): ceiling {ceiling:.0f} output tok/s")
         sizes = session.sizes
-        result = run_backfill(
-            sim.base_url, sizes.p3_documents, sizes.p3_chunks_per_document, {"adaptive_concurrency": True},
-            output_tokens_total=lambda: sim.stats()["output_tokens_total"], log=log,
-        )
-        samples = result.running_samples
-        full = sum(s >= THROUGHPUT_PROFILE["max_num_seqs"] for s in samples) / max(1, len(samples))
-        generating = result.duration_s - result.first_run_start_s
+        for documents_per_run in [None, *variants]:
+            label = "default" if documents_per_run is None else documents_per_run
+            result = run_backfill(
+                sim.base_url, sizes.p3_documents, sizes.p3_chunks_per_document,
+                output_tokens_total=lambda: sim.stats()["output_tokens_total"], log=log,
+                documents_per_run=documents_per_run,
+            )
+            samples = result.running_samples
+            full = sum(s >= THROUGHPUT_PROFILE["max_num_seqs"] for s in samples) / max(1, len(samples))
+            generating = result.duration_s - result.first_run_start_s
+            log(
+                f"P3 [documents per run {label}]: {result.documents} documents, {result.chunks} chunks, "
+                f"{result.runs} run(s), {result.succeeded} materialized, {result.check_evaluations} check "
+                f"evaluations; first run started {result.first_run_start_s:.1f} s after submission, last ended "
+                f"at {result.duration_s:.1f} s (the work queue took {result.queue_duration_s:.1f} s); batch full "
+                f"in {full:.0%} of samples; {result.output_tokens / generating / ceiling:.3f} of the ceiling "
+                "from the run's start"
+            )
+            if result.phases:
+                log("P3 run phases: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.phases.items()))
+            session.figures[f"p3[{label}]" if documents_per_run else "p3"] = {
+                "duration_s": result.duration_s, "first_run_start_s": result.first_run_start_s,
+                "output_tokens_per_s": result.output_tokens_per_s, "runs": result.runs,
+                "materialized": result.succeeded, "check_evaluations": result.check_evaluations,
+                "batch_full_share": full, "queue_duration_s": result.queue_duration_s, "phases_s": result.phases,
+            }
+            session.report(Line(
+                "P3" if documents_per_run is None else f"P3 [documents per run {label}]",
+                "achieved/ceiling", result.output_tokens_per_s / ceiling, 0.90 if documents_per_run is None else None,
+                f"asset backfill of {result.documents} partitions x {sizes.p3_chunks_per_document} chunks with "
+                f"the project's defaults ({label} documents per run: {result.runs} run(s); no run config: "
+                f"concurrency auto, as no benchmark has run); from submission to the end of the last run: "
+                f"{result.output_tokens_per_s:.0f} output tok/s in {result.duration_s:.1f} s, of which "
+                f"{result.first_run_start_s:.1f} s before the first run started",
+            ))
+
+
+def doc_site_workload(session: Session, only: set[str], variants: list[str]) -> None:
+    """P6, the default `qa-pipeline run` over a 300-page documentation site, and P7, the sources sensor
+    regenerating every 6th page after an edit; on the simulator's defaults (ceiling 2,462 tok/s),
+    outputs under the CLI's max_tokens. With the default documents per run, then each of `variants`."""
+    sizes = session.sizes
+    pages = build_pages(sizes.doc_site_pages)
+    chunks = sum(page.chunks for page in pages)
+    short = sum(page.chunks <= 3 for page in pages)
+    with start_simulator_process(**BACKFILL_PROFILE) as sim:
+        ceiling = sim.stats()["ceiling_output_tokens_per_s"]
         log(
-            f"P3: {result.documents} documents, {result.chunks} chunks, {result.runs} run(s), "
-            f"{result.succeeded} materialized; first run started {result.first_run_start_s:.1f} s after "
-            f"submission, last ended at {result.duration_s:.1f} s (the work queue took {result.queue_duration_s:.1f} s); "
-            f"batch full in {full:.0%} of samples; {result.output_tokens / generating / ceiling:.3f} of the ceiling "
-            "from the run's start"
+            f"simulator {BACKFILL_PROFILE} (defaults otherwise): ceiling {ceiling:.0f} output tok/s; "
+            f"{len(pages)} pages, {chunks} chunks, {short} pages of 1-3 chunks, the longest "
+            f"{max(page.chunks for page in pages)}"
         )
-        if result.phases:
-            log("P3 run phases: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.phases.items()))
-        session.figures["p3"] = {
-            "duration_s": result.duration_s, "first_run_start_s": result.first_run_start_s,
-            "output_tokens_per_s": result.output_tokens_per_s, "runs": result.runs,
-            "materialized": result.succeeded, "batch_full_share": full, "queue_duration_s": result.queue_duration_s,
-            "phases_s": result.phases,
-        }
-        session.report(Line(
-            "P3", "achieved/ceiling", result.output_tokens_per_s / ceiling, 0.85,
-            f"asset backfill of {result.documents} partitions x {sizes.p3_chunks_per_document} chunks, "
-            f"single-run policy, concurrency auto; from submission to the end of the last run: "
-            f"{result.output_tokens_per_s:.0f} output tok/s in {result.duration_s:.1f} s, of which "
-            f"{result.first_run_start_s:.1f} s before the run started",
-        ))
+        with tempfile.TemporaryDirectory(prefix="qa-bench-p6-") as scratch:
+            root = Path(scratch)  # the default run's data folder, which P7 then changes
+            for documents_per_run in [None, *variants]:
+                suffix = "" if documents_per_run is None else f" [documents per run {documents_per_run}]"
+                with tempfile.TemporaryDirectory(prefix="qa-bench-p6-") as other:
+                    folder = root if documents_per_run is None else Path(other)
+                    write_pages(pages, folder / "data" / "sources")
+                    log(f"P6{suffix}: qa-pipeline run over {len(pages)} pages")
+                    run = run_cli(
+                        sim.base_url, folder, pages, ceiling, lambda: sim.stats()["output_tokens_total"],
+                        documents_per_run=documents_per_run, log=log,
+                    )
+                    report_cli_run(session, run, ceiling, suffix)
+            if "P7" not in only:
+                return
+            # Each setting regenerates the same 50 pages of the default run's dataset, edited once more.
+            for documents_per_run in [None, *variants]:
+                suffix = "" if documents_per_run is None else f" [documents per run {documents_per_run}]"
+                changed = regenerate_through_sensor(
+                    sim.base_url, root, pages, sim.stats, log=log, every=sizes.changed_page_every,
+                    documents_per_run=documents_per_run,
+                )
+                report_sensor_run(session, changed, ceiling, suffix)
+
+
+def report_cli_run(session: Session, run, ceiling: float, suffix: str) -> None:
+    at_ceiling = run.output_tokens / ceiling
+    log(
+        f"P6{suffix}: exit code {run.exit_code}; {run.chunks} chunks, {run.output_tokens} output tokens in "
+        f"{run.generation_s:.1f} s of generation (requests in flight {run.busy_s / run.generation_s:.0%} of it); "
+        f"runs: {run.runs}; wall {run.wall_s:.1f} s = {run.wall_s / at_ceiling:.2f} x the generation at the "
+        f"ceiling ({at_ceiling:.1f} s); the server produced {run.simulator_tokens} output tokens in all (sweep included)"
+    )
+    for name, seconds in run.phases.items():
+        log(f"    {seconds:7.1f} s  {name}")
+    session.figures[f"p6{suffix}"] = {
+        "exit_code": run.exit_code, "pages": run.pages, "chunks": run.chunks, "output_tokens": run.output_tokens,
+        "generation_s": run.generation_s, "busy_s": run.busy_s, "wall_s": run.wall_s, "runs": run.runs,
+        "wall_over_generation_at_ceiling": run.wall_s / at_ceiling, "phases_s": run.phases,
+    }
+    session.report(Line(
+        f"P6{suffix}", "generation/ceiling", run.output_tokens_per_s / ceiling, 0.92 if not suffix else None,
+        f"`qa-pipeline run` over {run.pages} pages ({run.chunks} chunks), {run.runs['qa_pairs']} qa_pairs run(s): "
+        f"{run.output_tokens_per_s:.0f} output tok/s from the first generation request to the last answer "
+        f"({run.generation_s:.1f} s)",
+    ))
+    session.report(Line(
+        f"P6{suffix}", "wall/generation-at-ceiling", run.wall_s / at_ceiling, None,
+        f"the whole command {run.wall_s:.1f} s vs {at_ceiling:.1f} s of generation at the ceiling; "
+        f"the concurrency benchmark run {next((v for k, v in run.phases.items() if 'benchmark' in k), 0.0):.1f} s",
+    ))
+
+
+def report_sensor_run(session: Session, run, ceiling: float, suffix: str) -> None:
+    log(
+        f"P7{suffix}: {run.pages_changed} pages changed; the sensor requested {run.runs} run(s) "
+        f"({run.ticks_with_runs} tick(s) with runs) covering {run.documents_in_runs} documents; {run.requests} "
+        f"requests (cache misses), {run.output_tokens} output tokens in {run.duration_s:.1f} s from the tick "
+        f"(at the ceiling: {run.output_tokens / ceiling:.1f} s); the generation itself (first request to last "
+        f"answer) {run.generation_s:.1f} s = {run.output_tokens / max(run.generation_s, 1e-9) / ceiling:.3f} of the "
+        f"ceiling, its slowest request {run.longest_request_s:.1f} s; the report sensor's refresh done "
+        + ("not within 5 min" if run.report_after_s is None else f"{run.report_after_s:.1f} s after the last qa_pairs")
+    )
+    for name, seconds in run.phases.items():
+        log(f"    {seconds:7.1f} s  {name}")
+    session.figures[f"p7{suffix}"] = {
+        "pages_changed": run.pages_changed, "runs": run.runs, "ticks_with_runs": run.ticks_with_runs,
+        "documents_in_runs": run.documents_in_runs, "requests": run.requests, "output_tokens": run.output_tokens,
+        "duration_s": run.duration_s, "generation_s": run.generation_s, "longest_request_s": run.longest_request_s,
+        "report_after_s": run.report_after_s, "phases_s": run.phases,
+    }
+    session.report(Line(
+        f"P7{suffix}", "achieved/ceiling", run.output_tokens_per_s / ceiling, 0.85 if not suffix else None,
+        f"the sources sensor under dagster-daemon: {run.pages_changed} edited pages, {run.runs} run(s) requested "
+        f"over {run.documents_in_runs} documents, {run.requests} chunks regenerated: {run.output_tokens_per_s:.0f} "
+        f"output tok/s from the tick to the last qa_pairs materialization ({run.duration_s:.1f} s)",
+    ))
 
 
 def zero_latency_workload(session: Session) -> None:
@@ -290,10 +403,19 @@ def zero_latency_workload(session: Session) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller workloads; indicative figures only")
-    parser.add_argument("--only", help="comma-separated subset of P1,P2,P3,P4,P5")
+    parser.add_argument("--only", help="comma-separated subset of " + ",".join(ALL))
+    parser.add_argument(
+        "--documents-per-run", default="",
+        help="P3 and P6/P7 again with QA_PIPELINE_DOCUMENTS_PER_RUN set to each of these values, e.g. 1,50 "
+        "(figures for the record; the targets use the default)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="plots and JSON")
     args = parser.parse_args(argv)
-    only = set((args.only or "P1,P2,P3,P4,P5").upper().split(","))
+    only = set((args.only or ",".join(ALL)).upper().split(","))
+    unknown = only - set(ALL)
+    if unknown:
+        parser.error(f"unknown workloads {', '.join(sorted(unknown))}; choose among {', '.join(ALL)}")
+    variants = [value.strip() for value in args.documents_per_run.split(",") if value.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     session = Session(out=args.out, sizes=QUICK if args.quick else FULL)
     started = time.monotonic()
@@ -302,18 +424,22 @@ def main(argv: list[str] | None = None) -> int:
     if only & {"P1", "P2", "P3", "P5"}:
         throughput_workloads(session, only)
     if "P3" in only:
-        backfill_workload(session)
+        backfill_workload(session, variants)
     if "P4" in only:
         zero_latency_workload(session)
+    if only & {"P6", "P7"}:
+        doc_site_workload(session, only, variants)
     elapsed = time.monotonic() - started
     with open("/proc/loadavg") as handle:
         load_after = handle.read().split()[:3]
-    print(f"\n{len(session.lines)} targets, {sum(line.passed for line in session.lines)} passed, in {elapsed / 60:.1f} min "
+    targets = [line for line in session.lines if line.goal is not None]
+    print(f"\n{len(targets)} targets, {sum(line.passed for line in targets)} passed, in {elapsed / 60:.1f} min "
           f"(load average before {' '.join(load_before)}, after {' '.join(load_after)})")
     print("\n| target | measure | value | goal | result | details |\n|---|---|---|---|---|---|")
     for line in session.lines:
         value = f"{line.value:.0f}" if line.value >= 100 else f"{line.value:.3f}"
-        print(f"| {line.name} | {line.measure} | {value} | >= {line.goal:g} | {'PASS' if line.passed else 'FAIL'} | {line.details} |")
+        goal = "-" if line.goal is None else f">= {line.goal:g}"
+        print(f"| {line.name} | {line.measure} | {value} | {goal} | {line.verdict} | {line.details} |")
     (args.out / "latest.json").write_text(json.dumps({
         "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
