@@ -273,7 +273,7 @@ def regenerate_through_sensor(
             records = _wait_for_runs(instance, run_ids, daemon, log_file, tick.timestamp + timeout_s)
             last = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=QA_PAIRS), limit=1).records[0]
             after = simulator_stats()
-            ticks_with_runs = sum(1 for t in _sensor_ticks(instance) if t.run_ids and t.timestamp >= daemon_started)
+            ticks_with_runs = sum(1 for t in _sensor_ticks(instance, daemon_started) if t.run_ids)
             spans = run_spans(instance, created_after=tick.timestamp - 1)
             documents = sum(_documents_of(instance, record.dagster_run.tags) for record in records)
             report_after_s = _wait_for_report(instance, last, daemon, log_file)
@@ -313,10 +313,11 @@ def _documents_of(instance: dg.DagsterInstance, tags: dict) -> int:
     return keys.index(tags["dagster/asset_partition_range_end"]) - keys.index(tags["dagster/asset_partition_range_start"]) + 1
 
 
-def _sensor_ticks(instance: dg.DagsterInstance) -> list:
+def _sensor_ticks(instance: dg.DagsterInstance, since: float) -> list:
+    """The sources sensor's ticks since `since` (time.time())."""
     for state in instance.all_instigator_state():
         if state.name == SENSOR:
-            return list(instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=100))
+            return list(instance.get_ticks(state.instigator_origin_id, state.selector_id, after=since))
     return []
 
 
@@ -326,7 +327,7 @@ def _wait_for_requesting_tick(instance, daemon, since: float, log_file: Path, ti
     while time.time() < deadline:
         if daemon.poll() is not None:
             raise RuntimeError(f"dagster-daemon exited with {daemon.returncode}: {log_file.read_text()[-2000:]}")
-        ticks = [t for t in _sensor_ticks(instance) if t.timestamp >= since and t.run_ids]
+        ticks = [t for t in _sensor_ticks(instance, since) if t.run_ids]
         if ticks:
             tick = min(ticks, key=lambda t: t.timestamp)
             return tick, list(tick.run_ids)

@@ -251,7 +251,7 @@ def backfill_workload(session: Session, variants: list[str]) -> None:
             result = run_backfill(
                 sim.base_url, sizes.p3_documents, sizes.p3_chunks_per_document,
                 output_tokens_total=lambda: sim.stats()["output_tokens_total"], log=log,
-                documents_per_run=documents_per_run,
+                documents_per_run=documents_per_run, timeout_s=900.0 if documents_per_run is None else 3600.0,
             )
             samples = result.running_samples
             full = sum(s >= THROUGHPUT_PROFILE["max_num_seqs"] for s in samples) / max(1, len(samples))
