@@ -279,3 +279,33 @@ def test_a_document_over_its_threshold_fails_alone_in_a_run_over_many_documents_
         assert rerun.run_id != qa_run.run_id
         assert (rerun.tags[RANGE_START_TAG], rerun.tags[RANGE_END_TAG]) == ("doc-2.md", "doc-2.md")
         assert materialized(instance, QA_PAIRS) == {f"doc-{i}.md" for i in range(4)}
+
+
+def test_a_run_spanning_unchanged_documents_leaves_their_files_as_they_were(simulator, data_dir):
+    sim = simulator(**FAST)
+    write_documents(data_dir, 3)
+    env = cli_env(data_dir, sim.base_url)
+    run = ("run", "--skip-benchmark", "--concurrency", "4", "--max-tokens", "512")
+    run_cli(*run, env=env)
+    layout = DataLayout(root=data_dir)
+    tables = ("chunks", "qa_pairs", "failures", "pair_scores")
+    written = {
+        (table, key): layout.partition_file(table, key).stat().st_mtime_ns
+        for table in tables
+        for key in ("doc-0.md", "doc-1.md", "doc-2.md")
+    }
+    sent = sim.stats()["requests_total"]
+    edited = data_dir / "sources" / "doc-1.md"
+    edited.write_text(edited.read_text().replace("copies", "snapshots"))
+
+    again = run_cli(*run, env=env)  # one run over the three documents: the range spans the unchanged ones
+
+    assert "3 documents done, 0 failed" in again.stdout
+    assert sim.stats()["requests_total"] - sent == 3, "only the edited document's three chunks were asked again"
+    rewritten = {
+        (table, key) for (table, key), mtime in written.items() if layout.partition_file(table, key).stat().st_mtime_ns != mtime
+    }
+    assert {key for _, key in rewritten} == {"doc-1.md"}, "no file of an unchanged document was rewritten"
+    assert {("chunks", "doc-1.md"), ("qa_pairs", "doc-1.md"), ("pair_scores", "doc-1.md")} <= rewritten
+    # The unchanged documents still have their check verdicts in the new run.
+    assert again.stdout.count("success_rate: 3/3 documents passed") == 1

@@ -415,6 +415,15 @@ def score_partition(storage: Storage, document: str) -> pl.DataFrame:
     return scores
 
 
+def scores_are_current(storage: Storage, document: str) -> bool:
+    """Whether a document's `pair_scores` exist and were made by this scorer (then unchanged pairs need no rescoring)."""
+    path = storage.layout.partition_file("pair_scores", document)
+    if not path.exists():
+        return False
+    versions = pl.read_parquet(path, columns=["scorer_version"])["scorer_version"].unique().to_list()
+    return versions in ([SCORER_VERSION], [])
+
+
 def refresh_pair_scores(storage: Storage) -> list[str]:
     """Scores every document whose `pair_scores` are missing or older than its `qa_pairs` (outputs
     written before scoring existed, or by hand); returns the documents scored."""

@@ -427,6 +427,18 @@ class Storage:
         write_parquet_atomic(frame, path)
         return path
 
+    def write_partition_if_changed(self, table: str, document: str, frame: pl.DataFrame) -> bool:
+        """Writes a document's table unless the file already holds exactly these rows; whether it wrote.
+
+        A run that spans unchanged documents then leaves their files (and everything read from them)
+        as they were, instead of rewriting and rescoring them.
+        """
+        current = self.read_partition(table, document)
+        if current is not None and current.schema == frame.schema and current.equals(frame):
+            return False
+        self.write_partition(table, document, frame)
+        return True
+
     def read_partition(self, table: str, document: str) -> pl.DataFrame | None:
         path = self.layout.partition_file(table, document)
         return pl.read_parquet(path) if path.exists() else None

@@ -20,7 +20,7 @@ from qa_pipeline.core.documents import DocumentError, SourceFile, read_document
 from qa_pipeline.core.generation import ChunkTask, GenerationReport, GenerationSettings, Generator
 from qa_pipeline.core.plots import plot_generation_telemetry, telemetry_summary
 from qa_pipeline.core.prompts import DEFAULT_QUESTION_TYPES, PROMPT_VERSION, build_messages
-from qa_pipeline.core.quality import refresh_pair_scores, score_partition
+from qa_pipeline.core.quality import refresh_pair_scores, score_partition, scores_are_current
 from qa_pipeline.core.report import build_report, to_markdown_table
 from qa_pipeline.core.sampling import stratified_sample
 from qa_pipeline.core.storage import ChunkResult, results_to_frames, write_parquet_atomic, write_text_atomic
@@ -147,7 +147,8 @@ def _chunk_document(
     if not chunk_list:
         raise DocumentError(source.path, "no text to chunk (the document is empty after parsing)", "Add text to it or remove it.")
     frame = chunks_to_frame(chunk_list)
-    path = storage.storage.write_partition("chunks", source.key, frame)
+    storage.storage.write_partition_if_changed("chunks", source.key, frame)
+    path = storage.layout.partition_file("chunks", source.key)
     for warning in getattr(parsed, "warnings", []) or []:
         context.log.warning(f"{source.path}: {warning}")
     return {
@@ -301,22 +302,26 @@ async def _generate_qa_pairs(
     thresholds = config.checks.thresholds()
     published: dict[str, tuple[dict, str | None, list]] = {}
 
+    def record(document: str, outcome: tuple[dict, str | None, list]) -> None:
+        published[document] = outcome
+        for evaluation in check_evaluations(document, outcome[2]):
+            context.log_event(evaluation)
+
     async def publish(document: str, results: list[ChunkResult]) -> None:
-        # Written while the server still works on the run's other documents.
-        published[document] = await asyncio.to_thread(
+        # Written, scored and its verdicts recorded while the server still works on the run's other
+        # documents: at the end of the run only the last documents are left to publish.
+        record(document, await asyncio.to_thread(
             _publish_document, document, results, storage, config.failure_threshold, thresholds
-        )
+        ))
 
     report = await generator.run(tasks, on_document_done=publish) if tasks else GenerationReport(results={})
     for document in documents_in_run:
         if document not in missing and document not in published:  # a chunks table without rows
-            published[document] = _publish_document(document, [], storage, config.failure_threshold, thresholds)
+            record(document, _publish_document(document, [], storage, config.failure_threshold, thresholds))
 
     failed = {document: "no chunks: materialize `chunks` for this partition first" for document in missing}
     blocked = {}
     for document, (_, failure, verdicts) in published.items():
-        for evaluation in check_evaluations(document, verdicts):
-            context.log_event(evaluation)
         if failure is not None:
             failed[document] = failure
         elif names := blocking_failures(verdicts):
@@ -388,9 +393,11 @@ def _publish_document(
 ) -> tuple[dict, str | None, list]:
     """Writes one document's tables and scores them; its metadata, why it fails (or None), its check verdicts."""
     pairs, failures = results_to_frames(results)
-    storage.storage.write_partition("qa_pairs", document, pairs)
-    storage.storage.write_partition("failures", document, failures)
-    score_partition(storage.storage, document)  # pair_scores, read by the checks
+    # An unchanged document (answers from the cache, as in a run spanning edited neighbours) keeps its files.
+    written = storage.storage.write_partition_if_changed("qa_pairs", document, pairs)
+    written = storage.storage.write_partition_if_changed("failures", document, failures) or written
+    if written or not scores_are_current(storage.storage, document):
+        score_partition(storage.storage, document)  # pair_scores, read by the checks
     verdicts = document_verdicts(storage.storage, document, thresholds)
     failure_rate = failures.height / len(results) if results else 0.0
     metadata = {
