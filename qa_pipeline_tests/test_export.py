@@ -183,7 +183,7 @@ def test_a_batch_answered_by_the_simulator_imports_back_to_the_rows_of_the_onlin
     requests, results = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
     run_cli("export-batch", str(requests), "--model", "sim-model", env=env)
     subprocess.run(
-        [sys.executable, "-m", "qa_pipeline.core.simulator", "batch", str(requests), str(results),
+        [sys.executable, "-m", "qa_pipeline.simulator", "batch", str(requests), str(results),
          "--zero-latency", "--output-tokens-max=800"],
         check=True, cwd=REPO, capture_output=True, timeout=300,
     )
