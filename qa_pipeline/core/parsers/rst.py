@@ -1,4 +1,4 @@
-"""reStructuredText: section titles, literal blocks, directives, grid and simple tables; markup-only directives dropped."""
+"""reStructuredText: section titles, literal blocks, directives, grid and simple tables; markup is dropped."""
 
 from __future__ import annotations
 
