@@ -121,17 +121,24 @@ def sample_chunks(data_dir: Path) -> list[ChunkTask]:
     return write_sample_chunks(storage_at(data_dir), "pep-0020.rst")
 
 
-async def generate_online(data_dir: Path, base_url: str, model: str, tasks: list[ChunkTask]) -> pl.DataFrame:
+async def generate_online(
+    data_dir: Path, base_url: str, model: str, tasks: list[ChunkTask], settings: GenerationSettings | None = None
+) -> pl.DataFrame:
     config = ClientConfig(base_urls=[ClientConfig.parse_base_urls(base_url)[0]], model=model, max_retries=0)
     async with LLMClient(config) as client:
         layout = DataLayout(root=data_dir)
-        generator = Generator(client, layout, GenerationSettings(), FixedLimit(4), log=lambda _: None)
+        generator = Generator(client, layout, settings or GenerationSettings(), FixedLimit(4), log=lambda _: None)
         report = await generator.run(tasks)
     pairs, _ = results_to_frames(report.results[tasks[0].document])
     return pairs
 
 
-def test_a_batch_request_body_is_exactly_what_the_online_path_sends(tmp_path):
+@pytest.mark.parametrize(
+    "settings",
+    [GenerationSettings(), GenerationSettings(question_types=("factual",), max_tokens=300, temperature=0.3, seed=None)],
+    ids=["defaults", "own-settings-without-seed"],
+)
+def test_a_batch_request_body_is_exactly_what_the_online_path_sends(tmp_path, settings):
     tasks = sample_chunks(tmp_path / "data")
     sent: dict[str, dict] = {}
     answer = json.dumps({"pairs": [{"question": "What is it?", "answer": "Beautiful.", "type": "factual"}]})
@@ -152,13 +159,15 @@ def test_a_batch_request_body_is_exactly_what_the_online_path_sends(tmp_path):
         await site.start()
         port = runner.addresses[0][1]
         try:
-            return await generate_online(tmp_path / "online", f"http://127.0.0.1:{port}", "capture-model", tasks)
+            return await generate_online(
+                tmp_path / "online", f"http://127.0.0.1:{port}", "capture-model", tasks, settings
+            )
         finally:
             await runner.cleanup()
 
     pairs = asyncio.run(scenario())
     batch = tmp_path / "batch.jsonl"
-    exported = export_batch_requests(storage_at(tmp_path / "data"), batch, "capture-model")
+    exported = export_batch_requests(storage_at(tmp_path / "data"), batch, "capture-model", settings)
     lines = read_jsonl(batch)
     assert exported.requests == len(lines) == len(tasks) == len(sent)
     for line in lines:
