@@ -21,6 +21,7 @@ from qa_pipeline.core.generation import ChunkTask, GenerationSettings, Generator
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.storage import Storage, results_to_frames
 from qa_pipeline_tests.conftest import REPO, cli_env, run_cli
+from qa_pipeline_tests.loopback import serve_app
 from qa_pipeline_tests.written_outputs import write_document, write_sample_chunks
 
 CHUNK = "Workers send their requests to the vLLM server, which batches them on the GPU since release 3.2."
@@ -153,17 +154,8 @@ def test_a_batch_request_body_is_exactly_what_the_online_path_sends(tmp_path, se
     async def scenario() -> pl.DataFrame:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", chat)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
-            return await generate_online(
-                tmp_path / "online", f"http://127.0.0.1:{port}", "capture-model", tasks, settings
-            )
-        finally:
-            await runner.cleanup()
+        async with serve_app(app) as root:
+            return await generate_online(tmp_path / "online", root, "capture-model", tasks, settings)
 
     pairs = asyncio.run(scenario())
     batch = tmp_path / "batch.jsonl"

@@ -16,6 +16,7 @@ from qa_pipeline.core.generation import ChunkTask, GenerationReport, GenerationS
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.storage import Journal
 from qa_pipeline_tests.conftest import cli_env, run_cli, sql
+from qa_pipeline_tests.loopback import serve_app
 
 FAST = {"step_base_ms": 1, "step_per_seq_ms": 0.05, "output_tokens_mean": 30, "output_tokens_max": 200}
 SETTINGS = GenerationSettings(max_tokens=512)
@@ -190,18 +191,11 @@ def test_client_errors_are_never_retried(tmp_path, status):
         app = web.Application()
         app.router.add_get("/v1/models", models)
         app.router.add_post("/v1/chat/completions", chat)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
-            config = ClientConfig(base_urls=[f"http://127.0.0.1:{port}/v1"], backoff_base_s=0.01)
+        async with serve_app(app) as root:
+            config = ClientConfig(base_urls=[f"{root}/v1"], backoff_base_s=0.01)
             async with LLMClient(config) as llm:
                 generator = Generator(llm, DataLayout(tmp_path / "data"), SETTINGS, FixedLimit(2), log=lambda _: None)
                 return await generator.run(passages(3))
-        finally:
-            await runner.cleanup()
 
     report = asyncio.run(main())
     assert chat_requests[status] == 3
@@ -230,18 +224,11 @@ def test_a_server_rejecting_response_format_gets_the_same_request_without_it_and
     async def main() -> GenerationReport:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", chat)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
-            config = ClientConfig(base_urls=[f"http://127.0.0.1:{port}/v1"], model="m", backoff_base_s=0.01)
+        async with serve_app(app) as root:
+            config = ClientConfig(base_urls=[f"{root}/v1"], model="m", backoff_base_s=0.01)
             async with LLMClient(config) as llm:
                 generator = Generator(llm, DataLayout(tmp_path / "data"), SETTINGS, FixedLimit(2), log=lambda _: None)
                 return await generator.run(passages(3))
-        finally:
-            await runner.cleanup()
 
     report = asyncio.run(main())
     assert all(result.ok for result in report.results["manual.md"])
