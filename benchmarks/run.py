@@ -42,7 +42,7 @@ from qa_pipeline.core.client import LLMClient  # noqa: E402
 from qa_pipeline.core.concurrency import AdaptiveLimit, FixedLimit  # noqa: E402
 from qa_pipeline.core.plots import plot_generation_telemetry  # noqa: E402
 from qa_pipeline.core.prompts import build_messages  # noqa: E402
-from qa_pipeline.core.simulator import start_simulator_process  # noqa: E402
+from qa_pipeline.simulator.process import start_simulator_process  # noqa: E402
 
 SWEEP_LEVELS = (1, 4, 8, 16, 32, 64, 128)
 # The simulator's default capacity model (64 sequences, 10 ms + 0.25 ms per sequence per step), with

@@ -279,9 +279,10 @@ def command_import_batch(args: argparse.Namespace) -> int:
 
 
 def command_simulate(args: argparse.Namespace) -> int:
-    from qa_pipeline.core import simulator
+    from qa_pipeline.simulator.config import config_from_args
+    from qa_pipeline.simulator.server import serve
 
-    simulator.serve(simulator.config_from_args(args))
+    serve(config_from_args(args))
     return 0
 
 
@@ -438,9 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     import_batch.set_defaults(func=command_import_batch)
 
     simulate = sub.add_parser("simulate", help="start the vLLM-compatible simulator on loopback")
-    from qa_pipeline.core import simulator
+    from qa_pipeline.simulator.config import add_simulator_arguments
 
-    simulator.add_simulator_arguments(simulate)
+    add_simulator_arguments(simulate)
     simulate.set_defaults(func=command_simulate)
     add_embedded_parser(sub)
     add_documents_parser(sub)

@@ -17,7 +17,7 @@ SAMPLE_SOURCES = REPO / "data" / "sources"
 @pytest.fixture
 def simulator():
     """Starts simulator processes (options as keyword arguments); all are stopped after the test."""
-    from qa_pipeline.core.simulator import start_simulator_process
+    from qa_pipeline.simulator.process import start_simulator_process
 
     started = []
 

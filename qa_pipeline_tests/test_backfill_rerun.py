@@ -29,7 +29,7 @@ from dagster._daemon.backfill import execute_backfill_iteration
 from dagster_graphql.test.utils import execute_dagster_graphql
 
 from qa_pipeline.core.layout import DataLayout
-from qa_pipeline.core.simulator import passage_key
+from qa_pipeline.simulator.server import passage_key
 from qa_pipeline.core.storage import Storage
 from qa_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, documents
 from qa_pipeline.defs.sensors import sync_document_partitions

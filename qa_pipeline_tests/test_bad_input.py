@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from qa_pipeline.core.simulator import passage_key
+from qa_pipeline.simulator.server import passage_key
 from qa_pipeline_tests.conftest import cli_env, run_cli, sql
 
 FAST = {"step_base_ms": 1, "step_per_seq_ms": 0.05, "output_tokens_mean": 30, "output_tokens_max": 200}

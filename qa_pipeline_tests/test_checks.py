@@ -13,7 +13,7 @@ import pytest
 
 from qa_pipeline.core.batch import export_batch_requests, import_batch_output
 from qa_pipeline.core.layout import DataLayout
-from qa_pipeline.core.simulator import SimulatorProcess, start_simulator_process
+from qa_pipeline.simulator.process import SimulatorProcess, start_simulator_process
 from qa_pipeline.core.storage import Storage
 from qa_pipeline.defs.assets import qa_pairs, quality_report
 from qa_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, documents

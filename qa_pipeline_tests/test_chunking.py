@@ -120,6 +120,94 @@ def test_html_headings_become_heading_paths(tmp_path):
     ]
 
 
+DOCS_SITE_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Configuring the cache | Acme Docs</title>
+<link rel="stylesheet" href="/assets/site.css"><script src="/assets/search.js"></script></head>
+<body>
+<a class="skip-link" href="#content">Skip to content</a>
+<header class="site-header">
+  <a class="logo" href="/"><img src="/logo.svg" alt="Acme Docs home"></a>
+  <nav class="top-menu"><ul>
+    <li><a href="/">Home</a></li><li><a href="/guides/">Guides</a></li>
+    <li><a href="/api/">API reference</a></li><li><a href="https://github.com/acme/acme">GitHub</a></li>
+  </ul></nav>
+  <nav aria-label="breadcrumbs"><ol>
+    <li><a href="/">Docs</a></li><li><a href="/guides/">Operator guides</a></li><li>Configuring the cache</li>
+  </ol></nav>
+  <form role="search"><input type="search" placeholder="Search the docs"></form>
+</header>
+<div class="announcement">Acme 4.0 is out: read the migration notes.</div>
+<div class="layout">
+  <aside class="sidebar"><h2>Operator guides</h2><ul>
+    <li><a href="/guides/install/">Installing Acme on Kubernetes</a></li>
+    <li><a href="/guides/cache/">Configuring the cache</a></li>
+    <li><a href="/guides/upgrade/">Upgrading between major versions</a></li>
+  </ul></aside>
+  <main id="content">
+    <article>
+      <header><h1>Configuring the cache</h1><p class="meta">Applies to Acme 3.2 and later.</p></header>
+      <p>The result cache keeps rendered reports in memory so that repeated queries return at once.</p>
+      <h2>Eviction</h2>
+      <p>Entries are evicted least recently used first when the cache exceeds its memory limit.</p>
+      <pre><code class="language-yaml">cache:
+  max_memory_mb: 512</code></pre>
+      <div class="sidebar-toc" role="complementary"><p>On this page: Eviction, Persistence</p></div>
+      <h2>Persistence</h2>
+      <p>Set persist to true to write the cache to disk on shutdown and reload it on start.</p>
+    </article>
+    <nav class="pager"><a href="/guides/install/">Previous: Installing Acme</a>
+      <a href="/guides/upgrade/">Next: Upgrading</a></nav>
+  </main>
+</div>
+<footer class="site-footer"><p>&copy; 2024 Acme Corporation. All rights reserved.</p>
+  <a href="/privacy/">Privacy policy</a> <a href="/status/">System status</a></footer>
+</body></html>
+"""
+
+
+def test_a_documentation_page_gives_chunks_of_its_article_without_menus_sidebars_or_footer(tmp_path):
+    chunks = chunks_of(tmp_path, "cache.html", DOCS_SITE_PAGE)
+
+    assert [(chunk.heading_path, chunk.content) for chunk in chunks] == [
+        (
+            ["Configuring the cache"],
+            "Applies to Acme 3.2 and later.\n\nThe result cache keeps rendered reports in memory so that "
+            "repeated queries return at once.",
+        ),
+        (
+            ["Configuring the cache", "Eviction"],
+            "Entries are evicted least recently used first when the cache exceeds its memory limit.\n\n"
+            "```yaml\ncache:\n  max_memory_mb: 512\n```",
+        ),
+        (
+            ["Configuring the cache", "Persistence"],
+            "Set persist to true to write the cache to disk on shutdown and reload it on start.",
+        ),
+    ]
+    everything = "\n".join(chunk.content + " ".join(chunk.heading_path) for chunk in chunks)
+    for furniture in (
+        "Skip to content", "Home", "API reference", "GitHub", "Operator guides", "Search the docs",
+        "Acme 4.0 is out", "Installing Acme", "Upgrading", "On this page", "Previous", "Next",
+        "2024 Acme Corporation", "All rights reserved", "Privacy policy", "System status",
+    ):  # fmt: skip
+        assert furniture not in everything
+
+
+def test_a_page_without_main_content_keeps_its_text_but_not_its_menus_or_footer(tmp_path):
+    chunks = chunks_of(
+        tmp_path,
+        "plain.html",
+        '<body><div role="banner">Acme Docs</div><div role="navigation"><div><a href="/">Home</a></div>'
+        "<div><a href=\"/faq/\">FAQ</a></div></div>"
+        "<h1>Release notes</h1><p>Version 3.2 adds a result cache.</p>"
+        '<div role="contentinfo">Copyright Acme</div><p>Version 3.1 fixed the exporter.</p></body>',
+    )
+
+    assert [(chunk.heading_path, chunk.content) for chunk in chunks] == [
+        (["Release notes"], "Version 3.2 adds a result cache.\n\nVersion 3.1 fixed the exporter."),
+    ]
+
+
 def test_heading_lookalikes_inside_code_are_code_not_headings(tmp_path):
     markdown = chunks_of(tmp_path, "a.md", "# Setup\n\n```bash\n# install first\npip install tool\n```\n")
     rst = chunks_of(tmp_path, "b.rst", "Setup\n=====\n\nOutput::\n\n    Report\n    ======\n    all good\n")

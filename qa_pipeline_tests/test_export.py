@@ -21,6 +21,7 @@ from qa_pipeline.core.generation import ChunkTask, GenerationSettings, Generator
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.storage import Storage, results_to_frames
 from qa_pipeline_tests.conftest import REPO, cli_env, run_cli
+from qa_pipeline_tests.loopback import serve_app
 from qa_pipeline_tests.written_outputs import write_document, write_sample_chunks
 
 CHUNK = "Workers send their requests to the vLLM server, which batches them on the GPU since release 3.2."
@@ -121,17 +122,24 @@ def sample_chunks(data_dir: Path) -> list[ChunkTask]:
     return write_sample_chunks(storage_at(data_dir), "pep-0020.rst")
 
 
-async def generate_online(data_dir: Path, base_url: str, model: str, tasks: list[ChunkTask]) -> pl.DataFrame:
+async def generate_online(
+    data_dir: Path, base_url: str, model: str, tasks: list[ChunkTask], settings: GenerationSettings | None = None
+) -> pl.DataFrame:
     config = ClientConfig(base_urls=[ClientConfig.parse_base_urls(base_url)[0]], model=model, max_retries=0)
     async with LLMClient(config) as client:
         layout = DataLayout(root=data_dir)
-        generator = Generator(client, layout, GenerationSettings(), FixedLimit(4), log=lambda _: None)
+        generator = Generator(client, layout, settings or GenerationSettings(), FixedLimit(4), log=lambda _: None)
         report = await generator.run(tasks)
     pairs, _ = results_to_frames(report.results[tasks[0].document])
     return pairs
 
 
-def test_a_batch_request_body_is_exactly_what_the_online_path_sends(tmp_path):
+@pytest.mark.parametrize(
+    "settings",
+    [GenerationSettings(), GenerationSettings(question_types=("factual",), max_tokens=300, temperature=0.3, seed=None)],
+    ids=["defaults", "own-settings-without-seed"],
+)
+def test_a_batch_request_body_is_exactly_what_the_online_path_sends(tmp_path, settings):
     tasks = sample_chunks(tmp_path / "data")
     sent: dict[str, dict] = {}
     answer = json.dumps({"pairs": [{"question": "What is it?", "answer": "Beautiful.", "type": "factual"}]})
@@ -146,19 +154,12 @@ def test_a_batch_request_body_is_exactly_what_the_online_path_sends(tmp_path):
     async def scenario() -> pl.DataFrame:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", chat)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
-            return await generate_online(tmp_path / "online", f"http://127.0.0.1:{port}", "capture-model", tasks)
-        finally:
-            await runner.cleanup()
+        async with serve_app(app) as root:
+            return await generate_online(tmp_path / "online", root, "capture-model", tasks, settings)
 
     pairs = asyncio.run(scenario())
     batch = tmp_path / "batch.jsonl"
-    exported = export_batch_requests(storage_at(tmp_path / "data"), batch, "capture-model")
+    exported = export_batch_requests(storage_at(tmp_path / "data"), batch, "capture-model", settings)
     lines = read_jsonl(batch)
     assert exported.requests == len(lines) == len(tasks) == len(sent)
     for line in lines:
@@ -183,7 +184,7 @@ def test_a_batch_answered_by_the_simulator_imports_back_to_the_rows_of_the_onlin
     requests, results = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
     run_cli("export-batch", str(requests), "--model", "sim-model", env=env)
     subprocess.run(
-        [sys.executable, "-m", "qa_pipeline.core.simulator", "batch", str(requests), str(results),
+        [sys.executable, "-m", "qa_pipeline.simulator", "batch", str(requests), str(results),
          "--zero-latency", "--output-tokens-max=800"],
         check=True, cwd=REPO, capture_output=True, timeout=300,
     )

@@ -16,6 +16,7 @@ from qa_pipeline.core.generation import ChunkTask, GenerationReport, GenerationS
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.storage import Journal
 from qa_pipeline_tests.conftest import cli_env, run_cli, sql
+from qa_pipeline_tests.loopback import serve_app
 
 FAST = {"step_base_ms": 1, "step_per_seq_ms": 0.05, "output_tokens_mean": 30, "output_tokens_max": 200}
 SETTINGS = GenerationSettings(max_tokens=512)
@@ -190,24 +191,50 @@ def test_client_errors_are_never_retried(tmp_path, status):
         app = web.Application()
         app.router.add_get("/v1/models", models)
         app.router.add_post("/v1/chat/completions", chat)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
-            config = ClientConfig(base_urls=[f"http://127.0.0.1:{port}/v1"], backoff_base_s=0.01)
+        async with serve_app(app) as root:
+            config = ClientConfig(base_urls=[f"{root}/v1"], backoff_base_s=0.01)
             async with LLMClient(config) as llm:
                 generator = Generator(llm, DataLayout(tmp_path / "data"), SETTINGS, FixedLimit(2), log=lambda _: None)
                 return await generator.run(passages(3))
-        finally:
-            await runner.cleanup()
 
     report = asyncio.run(main())
     assert chat_requests[status] == 3
     results = report.results["manual.md"]
     assert all(not r.ok and r.http_status == status and r.attempts == 1 for r in results)
     assert all(f"rejected with {status}" in r.detail for r in results)
+
+
+def test_a_server_rejecting_response_format_gets_the_same_request_without_it_and_the_run_completes(tmp_path):
+    """Servers without structured output answer 400 naming response_format; the client asks again without it."""
+    with_format: dict[str, dict] = {}
+    without_format: dict[str, dict] = {}
+    pair = {"question": "How often does it retry?", "answer": "A few times.", "type": "factual"}
+    fenced = f"```json\n{json.dumps({'pairs': [pair]})}\n```"
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        passage = body["messages"][-1]["content"]
+        if "response_format" in body:
+            with_format[passage] = body
+            refusal = {"error": {"message": "response_format is not supported", "code": 400}}
+            return web.json_response(refusal, status=400)
+        without_format[passage] = body
+        return web.json_response({"choices": [{"message": {"content": fenced}, "finish_reason": "stop"}]})
+
+    async def main() -> GenerationReport:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        async with serve_app(app) as root:
+            config = ClientConfig(base_urls=[f"{root}/v1"], model="m", backoff_base_s=0.01)
+            async with LLMClient(config) as llm:
+                generator = Generator(llm, DataLayout(tmp_path / "data"), SETTINGS, FixedLimit(2), log=lambda _: None)
+                return await generator.run(passages(3))
+
+    report = asyncio.run(main())
+    assert all(result.ok for result in report.results["manual.md"])
+    assert len(without_format) == 3 and 1 <= len(with_format) <= 2  # two were in flight when the first was refused
+    for passage, refused in with_format.items():
+        assert without_format[passage] == {key: value for key, value in refused.items() if key != "response_format"}
 
 
 def test_no_progress_for_the_stall_timeout_fails_loudly_and_keeps_finished_chunks(simulator, tmp_path):

@@ -4,7 +4,6 @@ token counts add up over engines, only the configured model's series count, and 
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,6 +11,7 @@ from aiohttp import web
 
 from qa_pipeline.core.client import ClientConfig, LLMClient, ServerMetrics
 from qa_pipeline.core.concurrency import AdaptiveLimit
+from qa_pipeline_tests.loopback import serve_app
 
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
 
@@ -70,16 +70,8 @@ async def serving(page: str) -> AsyncIterator[str]:
         return web.Response(text=page, content_type="text/plain", charset="utf-8")
 
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    site = web.SockSite(runner, sock)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as root:
+        yield f"{root}/v1"
 
 
 def read_metrics(page: str, model: str | None = MODEL) -> ServerMetrics | None:

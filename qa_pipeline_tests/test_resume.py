@@ -14,7 +14,7 @@ from pathlib import Path
 from qa_pipeline.core.generation import GenerationSettings, request_hash
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.prompts import QAPair, build_messages, response_format
-from qa_pipeline.core.simulator import passage_key
+from qa_pipeline.simulator.server import passage_key
 from qa_pipeline.core.storage import ChunkResult, Journal
 from qa_pipeline_tests.conftest import REPO, cli_env, run_cli, sql
 

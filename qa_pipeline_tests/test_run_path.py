@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 
 from qa_pipeline.core.layout import DataLayout
-from qa_pipeline.core.simulator import passage_key
+from qa_pipeline.simulator.server import passage_key
 from qa_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, documents
 from qa_pipeline.defs.sensors import LAUNCHED_BY_TAG
 from qa_pipeline_tests.conftest import REPO, cli_env, run_cli, sql

@@ -24,14 +24,9 @@ from qa_pipeline.core.prompts import (
     parse_pairs,
     response_format,
 )
-from qa_pipeline.core.simulator import (
-    SimulatorConfig,
-    SimulatorProcess,
-    add_simulator_arguments,
-    config_from_args,
-    passage_key,
-    start_simulator_process,
-)
+from qa_pipeline.simulator.config import SimulatorConfig, add_simulator_arguments, config_from_args
+from qa_pipeline.simulator.process import SimulatorProcess, start_simulator_process
+from qa_pipeline.simulator.server import passage_key
 
 PASSAGE = (
     "The scheduler assigns every chunk to a worker as soon as one is free. "

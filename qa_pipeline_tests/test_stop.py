@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from qa_pipeline.core.layout import DataLayout
-from qa_pipeline.core.simulator import passage_key
+from qa_pipeline.simulator.server import passage_key
 from qa_pipeline_tests.conftest import REPO, cli_env, run_cli, sql
 
 RUN = ("run", "--skip-benchmark", "--concurrency", "16", "--max-tokens", "512")

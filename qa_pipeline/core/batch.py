@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qa_pipeline.core.client import ChatOutcome, outcome_from_payload
+from qa_pipeline.core.client import ChatOutcome, chat_request_body, outcome_from_payload
 from qa_pipeline.core.generation import ChunkTask, GenerationSettings, request_hasher, result_from_outcome
 from qa_pipeline.core.prompts import FailureReason, build_messages, response_format
 from qa_pipeline.core.quality import score_partition
@@ -32,20 +32,6 @@ def parse_custom_id(text: str) -> tuple[str, str]:
     if not chunk_id or not key:
         raise ValueError(f"custom_id {text!r} was not written by qa-pipeline export-batch (expected CHUNK-HASH)")
     return chunk_id, key
-
-
-def chat_request_body(model: str, messages: list[dict[str, str]], settings: GenerationSettings, schema: dict) -> dict:
-    """The body the online path sends for these messages (LLMClient.chat with Generator's arguments)."""
-    body: dict = {
-        "model": model,
-        "messages": messages,
-        "max_tokens": settings.max_tokens,
-        "temperature": settings.temperature,
-    }
-    if settings.seed is not None:
-        body["seed"] = settings.seed
-    body["response_format"] = schema
-    return body
 
 
 @dataclass
@@ -88,7 +74,14 @@ def export_batch_requests(
             "custom_id": custom_id(row["chunk_id"], key),
             "method": "POST",
             "url": BATCH_URL,
-            "body": chat_request_body(model, messages, settings, schema),
+            "body": chat_request_body(
+                model,
+                messages,
+                response_format=schema,
+                max_tokens=settings.max_tokens,
+                temperature=settings.temperature,
+                seed=settings.seed,
+            ),
         }
         lines.append(json.dumps(line, ensure_ascii=False) + "\n")
     write_text_atomic("".join(lines), path)

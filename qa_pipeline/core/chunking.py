@@ -20,6 +20,10 @@ from qa_pipeline.core.documents import (
     SourceFile,
     read_document,
 )
+from qa_pipeline.core.parsers.blocks import CODE, TABLE, TEXT, Block
+from qa_pipeline.core.parsers.markdown import parse_markdown
+from qa_pipeline.core.parsers.rst import parse_rst
+from qa_pipeline.core.parsers.text import parse_text
 
 DEFAULT_TARGET_TOKENS = 400
 DEFAULT_OVERLAP_TOKENS = 50
@@ -183,43 +187,8 @@ def _heading_list(value: Any) -> list[str]:
     return [part.strip() for part in text.split(">") if part.strip()]
 
 
-# --- blocks ---------------------------------------------------------------------------
-
-TEXT, CODE, TABLE = "text", "code", "table"
-
-
-@dataclass(slots=True)
-class _Block:
-    """A paragraph, code block or table under one heading path.
-
-    When the block must be split, `body` is what is cut into pieces and `prefix` /
-    `suffix` (a code fence, a table header, a directive line) wrap every piece.
-    """
-
-    kind: str
-    text: str
-    heading_path: tuple[str, ...]
-    prefix: str = ""
-    body: str | None = None
-    suffix: str = ""
-
-
-class _Headings:
-    """The current heading path: a stack of (level, title)."""
-
-    def __init__(self) -> None:
-        self._stack: list[tuple[int, str]] = []
-        self.path: tuple[str, ...] = ()
-
-    def enter(self, level: int, title: str) -> None:
-        while self._stack and self._stack[-1][0] >= level:
-            self._stack.pop()
-        self._stack.append((level, title))
-        self.path = tuple(title for _, title in self._stack)
-
-
-def _sections(blocks: Iterable[_Block]) -> Iterable[tuple[tuple[str, ...], list[_Block]]]:
-    current: list[_Block] = []
+def _sections(blocks: Iterable[Block]) -> Iterable[tuple[tuple[str, ...], list[Block]]]:
+    current: list[Block] = []
     for block in blocks:
         if current and block.heading_path != current[0].heading_path:
             yield current[0].heading_path, current
@@ -229,300 +198,11 @@ def _sections(blocks: Iterable[_Block]) -> Iterable[tuple[tuple[str, ...], list[
         yield current[0].heading_path, current
 
 
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip())
-
-
-def _indented_end(lines: Sequence[str], start: int, base_indent: int) -> int:
-    """End of the block from `start` over blank lines and lines indented deeper than base_indent."""
-    end = start
-    for index in range(start, len(lines)):
-        line = lines[index]
-        if line.strip():
-            if _indent(line) <= base_indent:
-                break
-            end = index + 1
-    return end
-
-
-# --- plain text -----------------------------------------------------------------------
-
-_BLANK_LINES = re.compile(r"\n[ \t]*\n\s*")
-
-
-def _parse_text(text: str) -> Iterable[_Block]:
-    for paragraph in _BLANK_LINES.split(text):
-        if paragraph.strip():
-            yield _Block(TEXT, paragraph.rstrip(), ())
-
-
-# --- Markdown -------------------------------------------------------------------------
-
-# Fences are recognised at any indentation so that code inside list items stays whole.
-_MD_FENCE = re.compile(r"^\s*(`{3,}|~{3,})")
-_MD_ATX = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
-_MD_SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
-_MD_BREAK = re.compile(r"^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$")
-_MD_TABLE_DELIMITER = re.compile(r"^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$")
-_MD_LIST_ITEM = re.compile(r"^\s*([-*+]|\d{1,9}[.)])(\s|$)")
-
-
-def _parse_markdown(text: str) -> Iterable[_Block]:
-    lines = text.split("\n")
-    count = len(lines)
-    headings = _Headings()
-    paragraph: list[str] = []
-    after_list = False
-    index = 0
-    if lines and lines[0].strip() == "---":  # YAML front matter is site metadata, not prose
-        for end in range(1, min(count, 200)):
-            if lines[end].strip() in ("---", "..."):
-                index = end + 1
-                break
-
-    def flush() -> Iterable[_Block]:
-        nonlocal paragraph, after_list
-        if paragraph:
-            after_list = bool(_MD_LIST_ITEM.match(paragraph[0]))
-            yield _Block(TEXT, "\n".join(paragraph), headings.path)
-            paragraph = []
-
-    while index < count:
-        line = lines[index]
-        stripped = line.strip()
-        if not stripped:
-            yield from flush()
-            index += 1
-            continue
-        first = stripped[0]
-        if first in "`~" and (fence := _MD_FENCE.match(line)):
-            yield from flush()
-            marker = fence.group(1)
-            end = index + 1
-            while end < count and not (
-                lines[end].strip().startswith(marker) and set(lines[end].strip()) == {marker[0]}
-            ):
-                end += 1
-            closed = end < count
-            body = "\n".join(lines[index + 1 : end])
-            closing = lines[end] if closed else ""
-            block_text = "\n".join(lines[index : end + 1] if closed else lines[index:end])
-            yield _Block(CODE, block_text, headings.path, prefix=line, body=body, suffix=closing)
-            index = end + 1
-            after_list = False
-            continue
-        if first == "#" and (atx := _MD_ATX.match(line)):
-            yield from flush()
-            title = (atx.group(2) or "").strip()
-            if title:
-                headings.enter(len(atx.group(1)), title)
-            index += 1
-            after_list = False
-            continue
-        if first in "=-" and _MD_SETEXT.match(line):
-            if paragraph and not _MD_LIST_ITEM.match(paragraph[0]):
-                title = " ".join(part.strip() for part in paragraph)
-                paragraph = []
-                headings.enter(1 if first == "=" else 2, title)
-                index += 1
-                after_list = False
-                continue
-        if first in "-*_" and not paragraph and _MD_BREAK.match(line):
-            index += 1
-            continue
-        if (
-            "|" in line
-            and index + 1 < count
-            and "|" in lines[index + 1]
-            and "-" in lines[index + 1]
-            and _MD_TABLE_DELIMITER.match(lines[index + 1])
-        ):
-            yield from flush()
-            end = index + 2
-            while end < count and lines[end].strip() and "|" in lines[end]:
-                end += 1
-            rows = lines[index:end]
-            yield _table_block(rows, headings.path, header_end=2)
-            index = end
-            after_list = False
-            continue
-        if not paragraph and not after_list and (line.startswith("    ") or line.startswith("\t")):
-            end = _indented_end(lines, index, 3)
-            yield _Block(CODE, "\n".join(lines[index:end]), headings.path)
-            index = end
-            continue
-        paragraph.append(line)
-        index += 1
-    yield from flush()
-
-
-# --- reStructuredText -----------------------------------------------------------------
-
-_RST_ADORNMENT = re.compile(r"^([!-/:-@\[-`{-~])\1+[ \t]*$")
-_RST_EXPLICIT = re.compile(r"^\s*\.\.(\s|$)")
-_RST_DIRECTIVE = re.compile(r"^\s*\.\.\s+([\w:.+-]+?)::(\s|$)")
-_RST_GRID_BORDER = re.compile(r"^\s*\+(?:[-=]+\+)+\s*$")
-_RST_SIMPLE_BORDER = re.compile(r"^\s*=+(?: +=+)+\s*$")
-_RST_CODE_DIRECTIVES = {
-    "code", "code-block", "sourcecode", "doctest", "testcode", "testoutput", "math",
-    "productionlist", "parsed-literal", "literalinclude", "highlight", "prompt",
-}  # fmt: skip
-_RST_TABLE_DIRECTIVES = {"table", "csv-table", "list-table"}
-# Directives that render no prose of their own (or only markup for other tools).
-_RST_DROPPED_DIRECTIVES = {
-    "contents", "toctree", "sectnum", "section-numbering", "raw", "include", "image", "meta",
-    "index", "target-notes", "header", "footer", "title", "role", "default-role", "only",
-}  # fmt: skip
-
-
-def _parse_rst(text: str) -> Iterable[_Block]:
-    lines = text.split("\n")
-    count = len(lines)
-    headings = _Headings()
-    styles: list[tuple[str, bool]] = []  # title styles in order of first use = levels
-
-    def level(char: str, overlined: bool) -> int:
-        if (char, overlined) not in styles:
-            styles.append((char, overlined))
-        return styles.index((char, overlined)) + 1
-
-    index = 0
-    while index < count:
-        line = lines[index]
-        stripped = line.strip()
-        if not stripped:
-            index += 1
-            continue
-        adornment = _RST_ADORNMENT.match(line)
-        next_line = lines[index + 1] if index + 1 < count else ""
-        if (
-            adornment
-            and index + 2 < count
-            and next_line.strip()
-            and lines[index + 2].strip() == stripped
-        ):
-            headings.enter(level(adornment.group(1), True), next_line.strip())
-            index += 3
-            continue
-        if (
-            not adornment
-            and not line[0].isspace()
-            and (underline := _RST_ADORNMENT.match(next_line))
-            and (len(next_line.rstrip()) >= len(stripped) or len(next_line.rstrip()) >= 4)
-        ):
-            headings.enter(level(underline.group(1), False), stripped)
-            index += 2
-            continue
-        if adornment and len(stripped) >= 4:  # a transition line
-            index += 1
-            continue
-        if stripped.startswith("..") and _RST_EXPLICIT.match(line):
-            end = _indented_end(lines, index + 1, _indent(line))
-            block = _rst_explicit_block(lines[index:end], headings.path)
-            if block is not None:
-                yield block
-            index = end
-            continue
-        if stripped[0] == "+" and _RST_GRID_BORDER.match(line):
-            end = index + 1
-            while end < count and lines[end].strip()[:1] in ("+", "|"):
-                end += 1
-            yield _rst_grid_table(lines[index:end], headings.path)
-            index = end
-            continue
-        if stripped[0] == "=" and _RST_SIMPLE_BORDER.match(line):
-            end = _rst_simple_table_end(lines, index)
-            yield _rst_simple_table(lines[index:end], headings.path)
-            index = end
-            continue
-        end = index + 1
-        while end < count and lines[end].strip():
-            end += 1
-        paragraph = lines[index:end]
-        if stripped.startswith(">>>"):
-            yield _Block(CODE, "\n".join(paragraph), headings.path)
-            index = end
-            continue
-        index = end
-        if paragraph[-1].rstrip().endswith("::"):
-            if stripped != "::":  # "::" alone is pure markup
-                yield _Block(TEXT, "\n".join(paragraph), headings.path)
-            while index < count and not lines[index].strip():
-                index += 1
-            if index < count and _indent(lines[index]) > _indent(line):
-                end = _indented_end(lines, index, _indent(line))
-                yield _Block(CODE, "\n".join(lines[index:end]), headings.path)
-                index = end
-            continue
-        yield _Block(TEXT, "\n".join(paragraph), headings.path)
-
-
-def _rst_explicit_block(lines: list[str], heading_path: tuple[str, ...]) -> _Block | None:
-    """A directive, footnote or target as a block; None for comments and markup-only directives."""
-    first = lines[0].strip()
-    directive = _RST_DIRECTIVE.match(lines[0])
-    if directive is None:
-        if first.startswith((".. [", ".. _", ".. __")):  # footnotes, citations, link targets
-            return _Block(TEXT, "\n".join(lines), heading_path)
-        return None  # comments and substitution definitions
-    name = directive.group(1).lower()
-    if name in _RST_DROPPED_DIRECTIVES:
-        return None
-    if name not in _RST_CODE_DIRECTIVES and name not in _RST_TABLE_DIRECTIVES:
-        return _Block(TEXT, "\n".join(lines), heading_path)
-    # Header = directive line and its options, up to the first blank line.
-    header_end = 1
-    while header_end < len(lines) and lines[header_end].strip():
-        header_end += 1
-    prefix = "\n".join(lines[:header_end]) + "\n"
-    body = "\n".join(lines[header_end:]).strip("\n")
-    kind = CODE if name in _RST_CODE_DIRECTIVES else TABLE
-    return _Block(kind, "\n".join(lines), heading_path, prefix=prefix, body=body or None)
-
-
-def _rst_grid_table(lines: list[str], heading_path: tuple[str, ...]) -> _Block:
-    header_end = 1
-    for index, line in enumerate(lines):
-        if "=" in line and _RST_GRID_BORDER.match(line):
-            header_end = index + 1
-            break
-    return _table_block(lines, heading_path, header_end)
-
-
-def _table_block(lines: list[str], heading_path: tuple[str, ...], header_end: int) -> _Block:
-    """A table whose first `header_end` lines are repeated on every piece it is split into."""
-    return _Block(
-        TABLE,
-        "\n".join(lines),
-        heading_path,
-        prefix="\n".join(lines[:header_end]),
-        body="\n".join(lines[header_end:]),
-    )
-
-
-def _rst_simple_table_end(lines: Sequence[str], start: int) -> int:
-    """Index after a simple table: its last border is followed by a blank line or the end."""
-    count = len(lines)
-    for index in range(start + 1, count):
-        if _RST_SIMPLE_BORDER.match(lines[index]) and (index + 1 == count or not lines[index + 1].strip()):
-            return index + 1
-    end = start + 1
-    while end < count and lines[end].strip():
-        end += 1
-    return end
-
-
-def _rst_simple_table(lines: list[str], heading_path: tuple[str, ...]) -> _Block:
-    borders = [index for index, line in enumerate(lines) if _RST_SIMPLE_BORDER.match(line)]
-    header_end = borders[1] + 1 if len(borders) >= 3 else 1
-    return _table_block(lines, heading_path, header_end)
-
-
-_PARSERS: dict[DocumentFormat, Callable[[str], Iterable[_Block]]] = {
-    DocumentFormat.MARKDOWN: _parse_markdown,
-    DocumentFormat.HTML: _parse_markdown,  # read_document converts HTML to Markdown
-    DocumentFormat.RST: _parse_rst,
-    DocumentFormat.TEXT: _parse_text,
+_PARSERS: dict[DocumentFormat, Callable[[str], Iterable[Block]]] = {
+    DocumentFormat.MARKDOWN: parse_markdown,
+    DocumentFormat.HTML: parse_markdown,  # read_document converts HTML to Markdown
+    DocumentFormat.RST: parse_rst,
+    DocumentFormat.TEXT: parse_text,
 }
 
 
@@ -614,7 +294,7 @@ class _Packer:
         self._kinds: list[str] = []
         self._wrappers: dict[int, tuple[str, str, int]] = {}
 
-    def pack(self, blocks: list[_Block]) -> list[tuple[str, int]]:
+    def pack(self, blocks: list[Block]) -> list[tuple[str, int]]:
         """(content, n_tokens) of each chunk of one section."""
         self._kinds = [block.kind for block in blocks]
         self._wrappers = {}
@@ -623,7 +303,7 @@ class _Packer:
             pieces.extend(self._pieces(index, block))
         return [self._render(group) for group in self._group(pieces)]
 
-    def _pieces(self, index: int, block: _Block) -> list[_Piece]:
+    def _pieces(self, index: int, block: Block) -> list[_Piece]:
         if len(block.text) <= self.max * _CHARS_WORTH_COUNTING:
             tokens = count_tokens(block.text)
             if tokens <= self.max:

@@ -610,20 +610,18 @@ class LLMClient:
     ) -> ChatOutcome:
         """One chat completion with bounded, jittered retries; fails with a recorded reason, and raises only
         ServerUnavailableError, once no endpoint has answered for `outage_timeout_s`."""
-        body: dict = {
-            "model": self.model,
-            "messages": list(messages),
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-        }
-        if seed is not None:
-            body["seed"] = seed
+        body = chat_request_body(
+            self.model,
+            messages,
+            response_format=response_format if self.structured_output else None,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+        )
         started = time.perf_counter()
         outcome = ChatOutcome(ok=False)
         for attempt in range(self.config.max_retries + 1):
-            if response_format is not None and self.structured_output:
-                body["response_format"] = response_format
-            else:
+            if not self.structured_output:  # the server rejected response_format (see _should_retry)
                 body.pop("response_format", None)
             endpoint = await self._wait_for_endpoint(retrying=attempt > 0)
             outcome, retry_after = await self._send(endpoint, body)
@@ -721,6 +719,24 @@ class LLMClient:
             failure_reason=reason,
             error=f"HTTP {status} from {endpoint.base_url}/chat/completions: {text}",
         )
+
+
+def chat_request_body(
+    model: str | None,
+    messages: Sequence[dict[str, str]],
+    *,
+    response_format: dict | None = None,
+    max_tokens: int = 512,
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> dict:
+    """The body of one chat-completions request: what LLMClient.chat sends, and what a batch export writes."""
+    body: dict = {"model": model, "messages": list(messages), "max_tokens": max_tokens, "temperature": temperature}
+    if seed is not None:
+        body["seed"] = seed
+    if response_format is not None:
+        body["response_format"] = response_format
+    return body
 
 
 def _combine_metrics(read: list[ServerMetrics]) -> ServerMetrics:
