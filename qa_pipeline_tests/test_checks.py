@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import dagster as dg
+from pathlib import Path
+
 import pytest
 
 from qa_pipeline.core.batch import export_batch_requests, import_batch_output
@@ -129,7 +131,16 @@ def test_a_grounded_partition_passes_every_check_and_the_report_follows(pipeline
     assert checks["groundedness"].metadata["mean_groundedness"].value == pytest.approx(1.0)
     assert materialized(result) == {"qa_pairs", "quality_report"}
     report = materialization_metadata(result, "quality_report")
-    assert report["plot/groundedness"].value.startswith("![groundedness](data:image/png;base64,")
+    # One picture inline for the UI's overview; the others are files the metadata links to.
+    assert report["plot/groundedness (inline)"].value.startswith("![groundedness](data:image/png;base64,")
+    assert Path(report["plot/failures_by_reason"].value).read_bytes().startswith(b"\x89PNG")
+    (per_document,) = [value for key, value in report.items() if key.startswith("per_document")]
+    assert isinstance(per_document, dg.TableMetadataValue)
+    assert {record.data["document"] for record in per_document.records} == {GOOD, BAD}
+    pairs = materialization_metadata(result, "qa_pairs")
+    assert pairs["dagster/partition_row_count"].value == pairs["chunks"].value * 3
+    assert {column.name for column in pairs["dagster/column_schema"].schema.columns} >= {"question", "answer"}
+    assert not any("base64" in str(value.value) for value in pairs.values()), "no picture in a partition's metadata"
 
 
 def test_a_partition_with_invented_answers_fails_its_groundedness_check_and_blocks_downstream(pipeline):

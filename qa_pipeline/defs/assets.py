@@ -7,6 +7,7 @@ on its own; the others of the run are materialized.
 
 
 import asyncio
+import math
 
 import dagster as dg
 import polars as pl
@@ -21,7 +22,7 @@ from qa_pipeline.core.generation import ChunkTask, GenerationReport, GenerationS
 from qa_pipeline.core.plots import plot_generation_telemetry, telemetry_summary
 from qa_pipeline.core.prompts import DEFAULT_QUESTION_TYPES, PROMPT_VERSION, build_messages
 from qa_pipeline.core.quality import refresh_pair_scores, score_partition, scores_are_current
-from qa_pipeline.core.report import build_report, to_markdown_table
+from qa_pipeline.core.report import build_report
 from qa_pipeline.core.sampling import stratified_sample
 from qa_pipeline.core.storage import ChunkResult, results_to_frames, write_parquet_atomic, write_text_atomic
 from qa_pipeline.defs.checks import (
@@ -132,7 +133,7 @@ def chunks(context: dg.AssetExecutionContext, config: ChunkingConfig, storage: S
             )
         )
     totals = {
-        "dagster/row_count": sum(m["dagster/row_count"] for m in outcomes.values()),
+        "rows_in_run": sum(m["dagster/partition_row_count"] for m in outcomes.values()),
         "tokens_total": sum(m["tokens_total"] for m in outcomes.values()),
     }
     return _partitions_result(context, outcomes, failed, totals)
@@ -152,7 +153,7 @@ def _chunk_document(
     for warning in getattr(parsed, "warnings", []) or []:
         context.log.warning(f"{source.path}: {warning}")
     return {
-        "dagster/row_count": frame.height,
+        "dagster/partition_row_count": frame.height,
         "dagster/column_schema": column_schema(frame),
         "tokens_total": int(frame["n_tokens"].sum()),
         "tokens_max": int(frame["n_tokens"].max()),
@@ -209,7 +210,7 @@ def test_sample(context: dg.AssetExecutionContext, config: SampleConfig, storage
         metadata={
             "dagster/row_count": sample.height,
             "strata": by_stratum.height,
-            "per_stratum": dg.MetadataValue.md(to_markdown_table(by_stratum)),
+            "per_stratum": table_metadata(by_stratum),
         }
     )
 
@@ -243,7 +244,7 @@ async def concurrency_benchmark(
             "recommended_concurrency": recommended,
             "best_output_tokens_per_s": float(frame["output_tokens_per_s"].max()),
             "server_metrics_read": any(r.has_vllm_metrics for r in results),
-            "levels": dg.MetadataValue.md(to_markdown_table(table)),
+            "levels": table_metadata(table),
             "plot": dg.MetadataValue.md(_inline_png(plot)),
             "plot_path": dg.MetadataValue.path(str(plot)),
         }
@@ -328,7 +329,7 @@ async def _generate_qa_pairs(
             blocked[document] = names
     outcomes = {document: metadata for document, (metadata, failure, _) in published.items() if failure is None}
     totals = {
-        "dagster/row_count": sum(m["dagster/row_count"] for m, _, _ in published.values()),
+        "rows_in_run": sum(m["dagster/partition_row_count"] for m, _, _ in published.values()),
         "chunks": sum(m["chunks"] for m, _, _ in published.values()),
         "chunks_failed": sum(m["chunks_failed"] for m, _, _ in published.values()),
     }
@@ -401,7 +402,7 @@ def _publish_document(
     verdicts = document_verdicts(storage.storage, document, thresholds)
     failure_rate = failures.height / len(results) if results else 0.0
     metadata = {
-        "dagster/row_count": pairs.height,
+        "dagster/partition_row_count": pairs.height,
         "dagster/column_schema": column_schema(pairs),
         "chunks": len(results),
         "chunks_failed": failures.height,
@@ -432,14 +433,23 @@ def quality_report(context: dg.AssetExecutionContext, storage: StorageResource) 
     markdown = report.markdown()
     path = storage.layout.report_dir / "quality_report.md"
     write_text_atomic(markdown, path)
-    plots = {
-        f"plot/{name}": dg.MetadataValue.md(_inline_png(image, name.replace("_", " ")))
-        for name, image in report.plots().items()
-    }
+    plots = {}
+    for name, image in report.plots().items():
+        plot_path = storage.layout.report_dir / f"{name}.png"
+        plot_path.write_bytes(image)
+        plots[f"plot/{name}"] = dg.MetadataValue.path(str(plot_path))
+    worst = report.per_document.sort(["chunks_failed", "mean_groundedness"], descending=[True, False], nulls_last=True)
     return dg.MaterializeResult(
         metadata={
             **{f"summary/{k}": v for k, v in report.summary.items() if isinstance(v, (int, float))},
-            "per_document": dg.MetadataValue.md(to_markdown_table(report.per_document)),
+            # Bounded: the event log keeps every materialization's metadata, at any number of documents.
+            f"per_document (the {min(PER_DOCUMENT_ROWS, worst.height)} with the most failed chunks)": table_metadata(
+                worst.head(PER_DOCUMENT_ROWS)
+            ),
+            # One picture inline for the UI's overview; the others are files, linked.
+            "plot/groundedness (inline)": dg.MetadataValue.md(
+                _inline_png(storage.layout.report_dir / "groundedness.png", "groundedness")
+            ),
             **plots,
             "report": dg.MetadataValue.md(markdown),
             "path": dg.MetadataValue.path(str(path)),
@@ -461,6 +471,21 @@ def _concurrency_limit(
         )
         return AdaptiveLimit(max_limit=config.max_concurrency)
     return FixedLimit(level)
+
+
+PER_DOCUMENT_ROWS = 100
+
+
+def table_metadata(frame: pl.DataFrame) -> dg.TableMetadataValue:
+    """A small frame as a table the UI renders, sorts and copies (not a Markdown string)."""
+    rows = [dg.TableRecord({name: _cell(value) for name, value in row.items()}) for row in frame.iter_rows(named=True)]
+    return dg.MetadataValue.table(records=rows, schema=column_schema(frame))
+
+
+def _cell(value) -> str | int | float | bool | None:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
 
 
 def column_schema(frame: pl.DataFrame) -> dg.TableSchema:

@@ -5,8 +5,7 @@ import dagster as dg
 
 from qa_pipeline.core import judge as judging
 from qa_pipeline.core.quality import QualityThresholds, refresh_pair_scores
-from qa_pipeline.core.report import to_markdown_table
-from qa_pipeline.defs.assets import qa_pairs
+from qa_pipeline.defs.assets import qa_pairs, table_metadata
 from qa_pipeline.defs.resources import LLMResource, StorageResource
 
 
@@ -43,7 +42,7 @@ async def judged_sample(
         metadata={
             **{key: value for key, value in summary.items() if value is not None},
             "judge_model": judge.client.model or "",
-            "by_rating": dg.MetadataValue.md(to_markdown_table(by_rating)),
+            "by_rating": table_metadata(by_rating),
             "dagster/row_count": judgements.height,
         }
     )
