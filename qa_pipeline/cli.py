@@ -81,6 +81,7 @@ def command_run(args: argparse.Namespace) -> int:
         sample_size=args.sample_size,
         max_tokens=args.max_tokens,
         question_types=args.question_types.split(",") if args.question_types else None,
+        question_type_descriptions=dict(args.describe_type or []),
         skip_benchmark=args.skip_benchmark,
         chunks_only=args.chunks_only,
         failed_only=args.failed,
@@ -303,6 +304,13 @@ def _positive_int(text: str) -> int:
     return _checked(defaults.PositiveInt, text, "a whole number >= 1")
 
 
+def _type_description(text: str) -> tuple[str, str]:
+    kind, equals, line = text.partition("=")
+    if not equals or not kind.strip() or not line.strip():
+        raise argparse.ArgumentTypeError(f"expected TYPE=LINE, e.g. howto='asks how to do a task', got {text!r}")
+    return kind.strip(), line.strip()
+
+
 def _fraction(text: str) -> float:
     return _checked(defaults.Fraction, text, "a fraction from 0 to 1")
 
@@ -348,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--question-types",
         help="comma-separated question types to ask for per chunk (default: factual,conceptual,comparison)",
+    )
+    run.add_argument(
+        "--describe-type",
+        action="append",
+        type=_type_description,
+        metavar="TYPE=LINE",
+        help="the one line that tells the model what a question type is; repeatable",
     )
     run.add_argument("--skip-benchmark", action="store_true", help="reuse the last benchmark instead of sweeping")
     run.add_argument(

@@ -50,6 +50,7 @@ class PipelineOptions:
     sample_size: int = defaults.DEFAULT_SAMPLE_SIZE
     max_tokens: int = defaults.DEFAULT_MAX_TOKENS
     question_types: list[str] | None = None
+    question_type_descriptions: dict[str, str] = field(default_factory=dict)
     skip_benchmark: bool = False
     chunks_only: bool = False
     failed_only: bool = False
@@ -334,6 +335,8 @@ def _ops_config(options: PipelineOptions, llm: LLMSettings) -> dict:
     generation: dict = {"max_tokens": options.max_tokens}
     if options.question_types:
         generation["question_types"] = options.question_types
+    if options.question_type_descriptions:
+        generation["question_type_descriptions"] = options.question_type_descriptions
     benchmark = dict(generation)
     levels = options.levels or (EMBEDDED_LEVELS if llm.embedded else None)
     if levels:

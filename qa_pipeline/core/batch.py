@@ -11,7 +11,7 @@ from pathlib import Path
 
 from qa_pipeline.core.client import ChatOutcome, chat_request_body, outcome_from_payload
 from qa_pipeline.core.generation import ChunkTask, GenerationSettings, request_hasher, result_from_outcome
-from qa_pipeline.core.prompts import FailureReason, build_messages, response_format
+from qa_pipeline.core.prompts import FailureReason
 from qa_pipeline.core.quality import score_partition
 from qa_pipeline.core.storage import ChunkResult, Journal, Storage, results_to_frames, write_text_atomic
 
@@ -52,7 +52,7 @@ def export_batch_requests(
     """One batch request per chunk (`custom_id`, `method`, `url`, `body`), skipping chunks whose request
     already has QA pairs in the journal unless include_done: exactly what `qa_pairs` would still send."""
     settings = settings or GenerationSettings()
-    schema = response_format()
+    schema = settings.schema()
     key_of = request_hasher(model, settings, schema)
     wanted = set(documents) if documents is not None else None
     chunks = storage.query(CHUNKS_SQL)
@@ -62,7 +62,7 @@ def export_batch_requests(
         document = row["document"]
         if wanted is not None and document not in wanted:
             continue
-        messages = build_messages(row["content"], list(row["heading_path"]), settings.question_types)
+        messages = settings.messages(row["content"], row["heading_path"])
         key = key_of(messages)
         if not include_done:
             if document not in finished:

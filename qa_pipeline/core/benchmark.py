@@ -17,7 +17,7 @@ from qa_pipeline.core.client import ChatOutcome, LLMClient, ServerMetrics
 from qa_pipeline.core.concurrency import FixedLimit
 from qa_pipeline.core.dispatch import Dispatcher
 from qa_pipeline.core.generation import GenerationSettings
-from qa_pipeline.core.prompts import ParseError, parse_pairs, response_format
+from qa_pipeline.core.prompts import ParseError, parse_pairs
 from qa_pipeline.core.storage import BENCHMARK_SCHEMA, Storage
 
 DEFAULT_LEVELS: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
@@ -141,7 +141,7 @@ async def run_level(
     """Sends `n_requests` through the dispatch loop at a fixed limit of `level`, as generation does,
     sampling the server meanwhile; no request starts after `max_seconds`, those in flight finish."""
     result = LevelResult(concurrency=level)
-    schema = response_format()
+    schema = settings.schema()
     spans: list[RequestSpan] = []
     stop = asyncio.Event()
     dispatcher = Dispatcher(FixedLimit(level), stop=stop)
@@ -166,7 +166,7 @@ async def run_level(
         if outcome.ok:
             result.successes += 1
             try:
-                parse_pairs(outcome.content, outcome.finish_reason)
+                parse_pairs(outcome.content, outcome.finish_reason, settings.question_types)
                 result.valid += 1
             except ParseError:
                 pass

@@ -29,6 +29,7 @@ from qa_pipeline.core.prompts import (
     ParseError,
     build_messages,
     parse_pairs,
+    question_types_described,
     response_format,
 )
 from qa_pipeline.core.settings import DEFAULT_MAX_TOKENS, DEFAULT_STALL_TIMEOUT_S
@@ -39,9 +40,22 @@ class GenerationSettings(BaseModel):
     """Everything that shapes a request; all of it goes into the cache key."""
 
     question_types: tuple[str, ...] = DEFAULT_QUESTION_TYPES
+    # One line per type telling the model what it is; types not named here keep their default line.
+    question_type_descriptions: dict[str, str] = {}
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
     seed: int | None = 0
+
+    def described_types(self) -> dict[str, str]:
+        """type → description, in the order the pairs come (one schema slot each)."""
+        return question_types_described(self.question_types, self.question_type_descriptions)
+
+    def schema(self) -> dict:
+        """The `response_format` of every request: one slot per question type."""
+        return response_format(question_types=self.described_types())
+
+    def messages(self, content: str, heading_path: Sequence[str] = ()) -> list[dict[str, str]]:
+        return build_messages(content, list(heading_path), self.described_types())
 
 
 @dataclass(frozen=True)
@@ -215,9 +229,15 @@ def request_hash(model: str, messages: Sequence[dict], settings: GenerationSetti
 
 
 def result_from_outcome(
-    task: ChunkTask, key: str, model: str, outcome: ChatOutcome, max_tokens: int | None = None
+    task: ChunkTask,
+    key: str,
+    model: str,
+    outcome: ChatOutcome,
+    max_tokens: int | None = None,
+    question_types: Sequence[str] = DEFAULT_QUESTION_TYPES,
 ) -> ChunkResult:
-    """A journal record for one chunk: validated pairs, or the reason there are none."""
+    """A journal record for one chunk: validated pairs (one per requested type, in order), or the
+    reason there are none."""
     common = {
         "document": task.document,
         "chunk_id": task.chunk_id,
@@ -236,7 +256,7 @@ def result_from_outcome(
     if not outcome.ok:
         return ChunkResult(ok=False, reason=outcome.failure_reason, detail=outcome.error, **common)
     try:
-        pairs = parse_pairs(outcome.content, outcome.finish_reason)
+        pairs = parse_pairs(outcome.content, outcome.finish_reason, question_types)
     except ParseError as error:
         return ChunkResult(ok=False, reason=error.reason, detail=error.detail, **common)
     return ChunkResult(ok=True, pairs=pairs, **common)
@@ -302,7 +322,7 @@ class Generator:
         self.force = force
         self.parse_retries = parse_retries
         self.stop_grace_s = stop_grace_s
-        self.schema = response_format()
+        self.schema = settings.schema()
 
     async def run(
         self,
@@ -327,7 +347,7 @@ class Generator:
         key_of = request_hasher(model, self.settings, self.schema)
         keyed = []
         for task in tasks:
-            messages = build_messages(task.content, list(task.heading_path), self.settings.question_types)
+            messages = self.settings.messages(task.content, task.heading_path)
             keyed.append((task, messages, key_of(messages)))
         todo, queued, repeats = [], set(), 0
         for task, messages, key in keyed:
@@ -485,7 +505,7 @@ class Generator:
                 temperature = temperature or REASK_TEMPERATURE
                 seed = None if seed is None else seed + ask
             outcome = await self._chat(task, key, model, messages, budget, temperature, seed, spent)
-            result = result_from_outcome(task, key, model, outcome, max_tokens=budget)
+            result = result_from_outcome(task, key, model, outcome, budget, self.settings.question_types)
             if result.ok or result.reason not in REASKED_REASONS:
                 break
             if result.reason == FailureReason.TRUNCATED:
@@ -515,7 +535,7 @@ class Generator:
                 if not await self.client.wait_out(outcome.outage):
                     return outcome  # the server was up: a connection it dropped is this chunk's failure
             except ServerUnavailableError as error:
-                result = result_from_outcome(task, key, model, outcome, max_tokens=max_tokens)
+                result = result_from_outcome(task, key, model, outcome, max_tokens, self.settings.question_types)
                 result = result.model_copy(update={"attempts": spent.attempts, "latency_s": spent.latency_s})
                 raise _LostToOutage(result, spent.output_tokens, error) from None
 

@@ -1,20 +1,29 @@
-"""The QA generation prompt, its JSON schema, and the parser that validates (and repairs) answers."""
+"""The QA generation prompt, its JSON schema (one slot per question type), and the parser that validates
+(and repairs) answers."""
 
 from __future__ import annotations
 
 import json
 import re
 from enum import StrEnum
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
-PROMPT_VERSION = "qa-v1"
+from qa_pipeline.core.settings import DEFAULT_QUESTION_TYPE_DESCRIPTIONS
+
+# qa-v2: one schema slot per question type, a difficulty label and verbatim evidence quotes per pair.
+PROMPT_VERSION = "qa-v2"
 PASSAGE_OPEN = "<passage>"
 PASSAGE_CLOSE = "</passage>"
 
-QuestionType = Literal["factual", "conceptual", "comparison"]
-DEFAULT_QUESTION_TYPES: tuple[str, ...] = ("factual", "conceptual", "comparison")
+DEFAULT_QUESTION_TYPES: tuple[str, ...] = tuple(DEFAULT_QUESTION_TYPE_DESCRIPTIONS)
+Difficulty = Literal["easy", "medium", "hard"]
+DIFFICULTIES: tuple[str, ...] = ("easy", "medium", "hard")
+# Quotes asked for per answer: at least one, and few enough that a small model does not ramble.
+MAX_EVIDENCE_QUOTES = 3
+MAX_QUOTE_CHARS = 1000
 
 
 class FailureReason(StrEnum):
@@ -34,15 +43,26 @@ class FailureReason(StrEnum):
 
 
 class QAPair(BaseModel):
-    """One question with its answer, answerable from the chunk alone."""
+    """One question with its answer, answerable from the chunk alone, and the passage's words that support it.
+
+    `difficulty` and `evidence` are asked for by the schema; a server that ignores the schema may leave
+    them out, and the pair is kept (its evidence then counts as not found, see core.evidence).
+    """
 
     question: str = Field(min_length=3, max_length=1000)
     answer: str = Field(min_length=1, max_length=4000)
-    type: QuestionType
+    type: str = Field(min_length=1)
+    difficulty: Difficulty | None = None
+    evidence: list[str] = Field(default_factory=list, max_length=10)
+
+    @field_validator("difficulty", mode="before")
+    @classmethod
+    def _lower_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
 
 class QAPairSet(BaseModel):
-    """What the model must return for one chunk."""
+    """What a server that ignores the schema may return for one chunk: a list of typed pairs."""
 
     pairs: list[QAPair] = Field(min_length=1, max_length=10)
 
@@ -63,27 +83,91 @@ SYSTEM_PROMPT = (
 )
 
 
-def response_format(schema_model: type[BaseModel] = QAPairSet, name: str = "qa_pairs") -> dict:
-    """`response_format` for OpenAI-compatible servers (vLLM structured output)."""
+def question_types_described(
+    question_types: Sequence[str] = DEFAULT_QUESTION_TYPES, descriptions: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """type → its one-line description, in the requested order: `descriptions` first, then the defaults,
+    else a generic line (a type the user names without describing it still gets a slot)."""
+    chosen = {**DEFAULT_QUESTION_TYPE_DESCRIPTIONS, **(descriptions or {})}
+    described = {}
+    for kind in question_types:
+        kind = kind.strip()
+        if not kind:
+            raise ValueError("a question type is empty: name each type, e.g. factual,conceptual,comparison")
+        if kind in described:
+            raise ValueError(f"question type {kind!r} is listed twice: each type gets one slot")
+        described[kind] = " ".join(chosen.get(kind, f"a {kind} question about the passage").split())
+    if not described:
+        raise ValueError("no question type: name at least one, e.g. factual")
+    return described
+
+
+def qa_schema(question_types: Mapping[str, str]) -> dict:
+    """The JSON schema of one chunk's answer: an object with one slot per question type, in order, so
+    structured output yields exactly the requested mix. Each slot is one pair with its evidence quotes
+    (before the answer, so the answer is written from them) and a difficulty label."""
+
+    def slot(kind: str, description: str) -> dict:
+        return {
+            "type": "object",
+            "description": f"one {kind} question: {description}",
+            "properties": {
+                # A one-value enum: the slot says its type, which also lets readers of the raw output see it.
+                "type": {"type": "string", "enum": [kind]},
+                "question": {"type": "string", "minLength": 3, "maxLength": 1000},
+                "evidence": {
+                    "type": "array",
+                    "description": "sentences copied word for word from the passage that support the answer",
+                    "items": {"type": "string", "minLength": 1, "maxLength": MAX_QUOTE_CHARS},
+                    "minItems": 1,
+                    "maxItems": MAX_EVIDENCE_QUOTES,
+                },
+                "answer": {"type": "string", "minLength": 1, "maxLength": 4000},
+                "difficulty": {"type": "string", "enum": list(DIFFICULTIES)},
+            },
+            "required": ["type", "question", "evidence", "answer", "difficulty"],
+            "additionalProperties": False,
+        }
+
     return {
-        "type": "json_schema",
-        "json_schema": {"name": name, "schema": schema_model.model_json_schema(), "strict": True},
+        "type": "object",
+        "properties": {kind: slot(kind, description) for kind, description in question_types.items()},
+        "required": list(question_types),
+        "additionalProperties": False,
     }
+
+
+def response_format(
+    schema_model: type[BaseModel] | None = None,
+    name: str = "qa_pairs",
+    question_types: Mapping[str, str] | None = None,
+) -> dict:
+    """`response_format` for OpenAI-compatible servers (vLLM structured output): a pydantic model's
+    schema, or (no model) the QA schema for `question_types` (default: the three default types)."""
+    if schema_model is not None:
+        schema = schema_model.model_json_schema()
+    else:
+        schema = qa_schema(question_types or question_types_described())
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
 def build_messages(
     content: str,
     heading_path: list[str] | None = None,
-    question_types: tuple[str, ...] = DEFAULT_QUESTION_TYPES,
+    question_types: Sequence[str] | Mapping[str, str] = DEFAULT_QUESTION_TYPES,
 ) -> list[dict[str, str]]:
-    """Chat messages asking for one QA pair per question type about one passage."""
-    wanted = "\n".join(f"- one {kind} question" for kind in question_types)
+    """Chat messages asking for one QA pair per question type about one passage, each with evidence
+    quoted from the passage and a difficulty label."""
+    described = question_types if isinstance(question_types, Mapping) else question_types_described(question_types)
+    wanted = "\n".join(f"- {kind}: {description}" for kind, description in described.items())
+    slot = '{"type": ..., "question": ..., "evidence": ["<sentence copied from the passage>"], "answer": ..., "difficulty": "easy" | "medium" | "hard"}'
+    shape = ", ".join(f'"{kind}": {slot}' for kind in list(described)[:1]) + (", ..." if len(described) > 1 else "")
     section = f"Section: {' > '.join(heading_path)}\n" if heading_path else ""
     user = (
-        f"Write {len(question_types)} question/answer pairs about the passage below:\n{wanted}\n"
-        "A factual question asks for a specific fact; a conceptual question asks why or how; "
-        "a comparison question contrasts two things the passage mentions.\n"
-        'Return {"pairs": [{"question": ..., "answer": ..., "type": ...}]}.\n\n'
+        f"Write {len(described)} question/answer pairs about the passage below, one of each type:\n{wanted}\n"
+        "For each answer, copy one or more sentences word for word from the passage as evidence, "
+        "and rate how hard the question is (easy, medium or hard).\n"
+        f"Return {{{shape}}}.\n\n"
         f"{section}{PASSAGE_OPEN}\n{content}\n{PASSAGE_CLOSE}"
     )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
@@ -116,8 +200,15 @@ def _json_candidate(content: str) -> str:
     return content.strip()
 
 
-def parse_pairs(content: str | None, finish_reason: str | None = "stop") -> list[QAPair]:
-    """Validated QA pairs from a chat completion's content, or a ParseError saying why not."""
+def parse_pairs(
+    content: str | None, finish_reason: str | None = "stop", question_types: Sequence[str] = DEFAULT_QUESTION_TYPES
+) -> list[QAPair]:
+    """Validated QA pairs from a chat completion's content, or a ParseError saying why not.
+
+    The schema's shape (one slot per type) gives the pairs in the requested order. A server that
+    ignores the schema may answer with a list of typed pairs instead (`{"pairs": [...]}` or a bare
+    list): each must have one of the requested types.
+    """
     if finish_reason == "length":
         raise ParseError(FailureReason.TRUNCATED, "output was cut by max_tokens (finish_reason=length)")
     if content is None or not content.strip():
@@ -128,10 +219,40 @@ def parse_pairs(content: str | None, finish_reason: str | None = "stop") -> list
         raise ParseError(FailureReason.INVALID_JSON, f"{error.msg} at position {error.pos}") from None
     if isinstance(data, list):
         data = {"pairs": data}
+    wanted = list(question_types)
     try:
-        return QAPairSet.model_validate(data).pairs
+        if isinstance(data, dict) and "pairs" not in data and any(kind in data for kind in wanted):
+            return _slot_pairs(data, wanted)
+        pairs = QAPairSet.model_validate(data).pairs
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "root"
-        reason = FailureReason.MISSING_FIELD if first["type"] == "missing" else FailureReason.INVALID_VALUE
-        raise ParseError(reason, f"{where}: {first['msg']}") from None
+        raise _validation_failure(error) from None
+    for index, pair in enumerate(pairs):
+        if pair.type not in wanted:
+            raise ParseError(
+                FailureReason.INVALID_VALUE, f"pairs.{index}.type: {pair.type!r} is not one of the requested {wanted}"
+            )
+    return pairs
+
+
+def _slot_pairs(data: dict, wanted: list[str]) -> list[QAPair]:
+    """The pairs of a schema-shaped answer, in the requested order; every slot must be filled."""
+    for kind in wanted:
+        if kind not in data:
+            raise ParseError(FailureReason.MISSING_FIELD, f"{kind}: the {kind} question is missing")
+        if not isinstance(data[kind], dict):
+            raise ParseError(FailureReason.INVALID_VALUE, f"{kind}: expected an object with question and answer")
+    pairs = []
+    for kind in wanted:
+        # The slot's key is its type: a `type` field saying otherwise is the model's slip, not a second type.
+        try:
+            pairs.append(QAPair.model_validate({**data[kind], "type": kind}))
+        except ValidationError as error:
+            raise _validation_failure(error, prefix=kind) from None
+    return pairs
+
+
+def _validation_failure(error: ValidationError, prefix: str = "") -> ParseError:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "") or "root"
+    reason = FailureReason.MISSING_FIELD if first["type"] == "missing" else FailureReason.INVALID_VALUE
+    return ParseError(reason, f"{where}: {first['msg']}")

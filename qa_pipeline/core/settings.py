@@ -34,6 +34,13 @@ DEFAULT_SAMPLE_SIZE = 100
 DEFAULT_DOCUMENTS_PER_RUN = 1000
 DEFAULT_SOURCES_CRON = "0 * * * *"
 DEFAULT_SENSOR_INTERVAL_S = 60
+# The question types asked for per chunk, in this order, each with the one line that tells the model
+# what it is; the qa_pairs config (`question_types`, `question_type_descriptions`) chooses others.
+DEFAULT_QUESTION_TYPE_DESCRIPTIONS: dict[str, str] = {
+    "factual": "asks for a specific fact the passage states",
+    "conceptual": "asks why or how something works, answered by the passage's explanation",
+    "comparison": "contrasts two things the passage mentions",
+}
 
 
 class SettingsError(ValueError):

@@ -25,6 +25,9 @@ QA_PAIRS_SCHEMA: dict[str, pl.DataType] = {
     "question": pl.String(),
     "answer": pl.String(),
     "type": pl.String(),
+    "difficulty": pl.String(),
+    # Quotes the model gave as support, as it wrote them; where they are in the chunk is in pair_scores.
+    "evidence": pl.List(pl.String()),
     "model": pl.String(),
     "latency_s": pl.Float64(),
     "prompt_tokens": pl.Int64(),
@@ -382,6 +385,8 @@ def results_to_frames(results: Iterable[ChunkResult]) -> tuple[pl.DataFrame, pl.
                         "question": pair.question,
                         "answer": pair.answer,
                         "type": pair.type,
+                        "difficulty": pair.difficulty,
+                        "evidence": pair.evidence,
                         "model": r.model,
                         "latency_s": r.latency_s,
                         "prompt_tokens": r.prompt_tokens,

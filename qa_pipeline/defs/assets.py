@@ -20,7 +20,7 @@ from qa_pipeline.core.concurrency import AdaptiveLimit, FixedLimit
 from qa_pipeline.core.documents import DocumentError, SourceFile, read_document
 from qa_pipeline.core.generation import ChunkTask, GenerationReport, GenerationSettings, Generator
 from qa_pipeline.core.plots import plot_generation_telemetry, telemetry_summary
-from qa_pipeline.core.prompts import DEFAULT_QUESTION_TYPES, PROMPT_VERSION, build_messages
+from qa_pipeline.core.prompts import DEFAULT_QUESTION_TYPES, PROMPT_VERSION
 from qa_pipeline.core.quality import refresh_pair_scores, score_partition, scores_are_current
 from qa_pipeline.core.report import build_report
 from qa_pipeline.core.sampling import stratified_sample
@@ -67,10 +67,15 @@ class GenerationConfig(dg.Config):
     max_tokens: defaults.PositiveInt = defaults.DEFAULT_MAX_TOKENS
     temperature: float = defaults.DEFAULT_TEMPERATURE
     question_types: list[str] = list(DEFAULT_QUESTION_TYPES)
+    # type → the one line that tells the model what the type is (defaults: settings.DEFAULT_QUESTION_TYPE_DESCRIPTIONS)
+    question_type_descriptions: dict[str, str] = {}
 
     def settings(self) -> GenerationSettings:
         return GenerationSettings(
-            question_types=tuple(self.question_types), max_tokens=self.max_tokens, temperature=self.temperature
+            question_types=tuple(self.question_types),
+            question_type_descriptions=self.question_type_descriptions,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
         )
 
 
@@ -221,12 +226,10 @@ async def concurrency_benchmark(
 ) -> dg.MaterializeResult:
     """Sweeps concurrency levels on the test sample; recommends the level `qa_pairs` uses."""
     sample = pl.read_parquet(storage.layout.test_sample_file)
-    prompts = [
-        build_messages(row["content"], row["heading_path"], tuple(config.question_types))
-        for row in sample.iter_rows(named=True)
-    ]
+    settings = config.settings()
+    prompts = [settings.messages(row["content"], row["heading_path"]) for row in sample.iter_rows(named=True)]
     results = await bench.sweep(
-        llm.client, prompts, config.levels, config.settings(), config.max_seconds_per_level, log=context.log.info
+        llm.client, prompts, config.levels, settings, config.max_seconds_per_level, log=context.log.info
     )
     recommended = bench.recommend_level(results, tolerance=config.tolerance)
     frame = bench.results_frame(
