@@ -208,7 +208,9 @@ def command_export(args: argparse.Namespace) -> int:
             validation=validation,
             evaluation=evaluation,
             seed=args.seed,
+            split_by=args.split_by,
             min_groundedness=args.min_groundedness,
+            min_evidence=args.min_evidence,
             drop_refusals=args.drop_refusals,
             drop_invented_numbers=args.drop_invented_numbers,
             drop_duplicates=args.drop_duplicates,
@@ -223,6 +225,8 @@ def command_export(args: argparse.Namespace) -> int:
     summary = export_dataset(Storage(layout), out, options)
     for split, rows in summary.rows.items():
         print(f"{split}: {rows} pairs from {len(summary.documents[split])} documents")
+    for warning in summary.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if summary.dropped:
         print("dropped: " + ", ".join(f"{n} {reason}" for reason, n in summary.dropped.items()))
     print(f"written to {out} ({', '.join(path.name for path in summary.files)})")
@@ -418,10 +422,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--data-dir")
     export.add_argument("--out", help="output folder (default: DATA_DIR/exports/dataset)")
-    export.add_argument("--formats", default="jsonl,parquet,chat", help="any of jsonl, parquet, chat")
-    export.add_argument("--split", default="0.8,0.1,0.1", help="train,validation,evaluation shares of documents")
+    export.add_argument(
+        "--formats",
+        default="jsonl,parquet,chat",
+        help="any of jsonl, parquet, chat, beir (corpus, queries, qrels), hf (Hugging Face dataset folder)",
+    )
+    export.add_argument("--split", default="0.8,0.1,0.1", help="train,validation,evaluation shares of the groups")
+    export.add_argument(
+        "--split-by",
+        default="document",
+        help="what a split is made of: document, or a metadata field of pre-chunked JSONL (e.g. service)",
+    )
     export.add_argument("--seed", type=int, default=0, help="seed of the document split")
     export.add_argument("--min-groundedness", type=float, help="drop pairs below this groundedness")
+    export.add_argument(
+        "--min-evidence", type=float, help="drop pairs whose evidence quotes score below this in their chunk (0-1)"
+    )
     export.add_argument("--drop-refusals", action="store_true", help='drop "the passage does not say" answers')
     export.add_argument(
         "--drop-invented-numbers", action="store_true", help="drop answers with numbers not in the chunk"

@@ -51,6 +51,7 @@ def invented_answers(request: dict, number: int) -> dict:
     pairs = [
         {"question": f"When was release {number}.{k} of the {kind} API shipped?",
          "answer": f"Release {number}.{k} shipped in {1990 + number} by Initech with {37 * (k + 1)} engineers.",
+         "evidence": [f"Initech shipped release {number}.{k} of the {kind} API with {37 * (k + 1)} engineers."],
          "type": kind}
         for k, kind in enumerate(("factual", "conceptual", "comparison"))
     ]
@@ -126,9 +127,11 @@ def test_a_grounded_partition_passes_every_check_and_the_report_follows(pipeline
     result = pipeline.materialize([qa_pairs, quality_report], GOOD)
     checks = evaluations(result)
     assert result.success, [e.description for e in checks.values()]
-    assert set(checks) == {"success_rate", "groundedness", "duplicates"}
+    assert set(checks) == {"success_rate", "groundedness", "evidence", "duplicates"}
     assert all(e.passed for e in checks.values())
     assert checks["groundedness"].metadata["mean_groundedness"].value == pytest.approx(1.0)
+    assert checks["evidence"].metadata["mean_evidence_score"].value == pytest.approx(1.0)
+    assert checks["evidence"].metadata["evidence_unsupported"].value == 0
     assert materialized(result) == {"qa_pairs", "quality_report"}
     report = materialization_metadata(result, "quality_report")
     # One picture inline for the UI's overview; the others are files the metadata links to.
@@ -152,13 +155,17 @@ def test_a_partition_with_invented_answers_fails_its_groundedness_check_and_bloc
     assert "with numbers not in the chunk" in grounded.description
     assert grounded.metadata["with_unsupported_numbers"].value == grounded.metadata["pairs"].value
     assert checks["success_rate"].passed
+    evidence = checks["evidence"]
+    assert not evidence.passed and evidence.metadata["evidence_unsupported"].value == evidence.metadata["pairs"].value
+    assert "evidence that is not in their chunk" in evidence.description
     # The crafted answers came from the journal: nothing was asked again, and the report was blocked.
     assert materialization_metadata(result, "qa_pairs")["requests_sent"].value == 0
     assert materialized(result) == {"qa_pairs"}
 
-    checks = {"min_mean_groundedness": 0.0, "max_unsupported_share": 1.0}
+    checks = {"min_mean_groundedness": 0.0, "max_unsupported_share": 1.0, "max_unsupported_evidence_share": 1.0}
     lenient = {"qa_pairs": {"config": {"concurrency": 4, "checks": checks}}}
-    assert evaluations(pipeline.materialize([qa_pairs], BAD, lenient))["groundedness"].passed
+    lenient_checks = evaluations(pipeline.materialize([qa_pairs], BAD, lenient))
+    assert lenient_checks["groundedness"].passed and lenient_checks["evidence"].passed
 
 
 def test_the_judged_sample_stores_verdicts_and_their_agreement_with_the_scores(pipeline):
@@ -199,6 +206,7 @@ def test_a_run_over_several_documents_checks_each_document_on_its_own(pipeline):
     assert verdicts == {
         ("success_rate", GOOD): True, ("success_rate", BAD): True,
         ("groundedness", GOOD): True, ("groundedness", BAD): False,
+        ("evidence", GOOD): True, ("evidence", BAD): False,
         ("duplicates", GOOD): True, ("duplicates", BAD): True,
     }
     assert not result.success, "a failing blocking check fails its step"

@@ -1,5 +1,6 @@
-"""Dataset exports: JSONL, Parquet and OpenAI chat fine-tuning files, split into train, validation and
-evaluation by document (a document is in one split only), optionally filtered by the quality scores."""
+"""Dataset exports: JSONL, Parquet, OpenAI chat fine-tuning files, a BEIR folder and a Hugging Face dataset
+folder, split into train, validation and evaluation by a grouping key (the document, or a metadata field of
+pre-chunked input; a group is in one split only), optionally filtered by the quality scores."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Literal
 import polars as pl
 from pydantic import BaseModel, Field, model_validator
 
+from qa_pipeline.core.evidence import FUZZY_MIN_SCORE
+from qa_pipeline.core.export_formats import HF_SPLITS, write_beir, write_hf
 from qa_pipeline.core.quality import (
     QualityThresholds,
     find_duplicate_questions,
@@ -23,14 +26,20 @@ from qa_pipeline.core.quality import (
 from qa_pipeline.core.storage import Storage, write_parquet_atomic, write_text_atomic
 
 SPLITS = ("train", "validation", "evaluation")
-ExportFormat = Literal["jsonl", "parquet", "chat"]
+ExportFormat = Literal["jsonl", "parquet", "chat", "beir", "hf"]
+DEFAULT_FORMATS: tuple[ExportFormat, ...] = ("jsonl", "parquet", "chat")
+# The split key: the document, or a field of a pre-chunked record's metadata (chunks without it keep their document).
+DOCUMENT_GROUPING = "document"
 DEFAULT_CHAT_SYSTEM_PROMPT = "You answer questions about the documentation accurately and concisely."
 
 EXPORT_SQL = """
-SELECT q.document, q.chunk_id, q.pair_index, q.question, q.answer, q.type, c.content AS context,
+SELECT q.document, q.chunk_id, q.pair_index, q.question, q.answer, q.type, q.difficulty,
+       coalesce(q.evidence, []) AS evidence, c.content AS context,
        c.heading_path, c.position, q.model, q.prompt_version,
        s.groundedness, coalesce(s.unsupported_numbers, []) AS unsupported_numbers,
-       coalesce(s.refusal, false) AS refusal, s.language
+       coalesce(s.refusal, false) AS refusal, s.language,
+       coalesce(s.evidence_starts, []) AS evidence_starts, coalesce(s.evidence_ends, []) AS evidence_ends,
+       s.evidence_score, c.source_chunk_id, c.service, c.doc_type, c.metadata_json AS metadata
 FROM qa_pairs q
 JOIN chunks c USING (document, chunk_id)
 LEFT JOIN pair_scores s USING (document, chunk_id, pair_index)
@@ -41,12 +50,20 @@ ORDER BY q.document, c.position, q.pair_index
 class ExportOptions(BaseModel):
     """What to export and which pairs to leave out."""
 
-    formats: tuple[ExportFormat, ...] = ("jsonl", "parquet", "chat")
+    formats: tuple[ExportFormat, ...] = DEFAULT_FORMATS
     train: float = Field(0.8, ge=0, le=1)
     validation: float = Field(0.1, ge=0, le=1)
     evaluation: float = Field(0.1, ge=0, le=1)
     seed: int = 0
+    split_by: str = Field(
+        DOCUMENT_GROUPING,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="what a split is made of: 'document', or a metadata field of pre-chunked input (e.g. service)",
+    )
     min_groundedness: float | None = Field(None, ge=0, le=1, description="drop pairs below (or without) this score")
+    min_evidence: float | None = Field(
+        None, ge=0, le=1, description="drop pairs whose weakest evidence quote scores below this (or who quote none)"
+    )
     drop_refusals: bool = False
     drop_invented_numbers: bool = Field(False, description="drop answers with numbers their chunk does not contain")
     drop_duplicates: bool = Field(False, description="keep only the first of duplicate questions, dataset-wide")
@@ -75,6 +92,8 @@ class ExportSummary:
     documents: dict[str, list[str]]
     dropped: dict[str, int]
     files: list[Path] = field(default_factory=list)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # split → the grouping key's values in it
+    warnings: list[str] = field(default_factory=list)
 
 
 def _position(document: str, seed: int) -> float:
@@ -137,6 +156,8 @@ def select_pairs(storage: Storage, options: ExportOptions) -> tuple[pl.DataFrame
         drop("refusal", ~pl.col("refusal"))
     if options.min_groundedness is not None:
         drop("low_groundedness", pl.col("groundedness").fill_null(-1.0) >= options.min_groundedness)
+    if options.min_evidence is not None:
+        drop("evidence_not_in_chunk", pl.col("evidence_score").fill_null(-1.0) >= options.min_evidence)
     if options.drop_invented_numbers:
         drop("invented_numbers", pl.col("unsupported_numbers").list.len() == 0)
     if options.drop_duplicates:
@@ -148,24 +169,61 @@ def select_pairs(storage: Storage, options: ExportOptions) -> tuple[pl.DataFrame
     return rows, dropped
 
 
+RECORD_COLUMNS = (
+    "id", "split", "document", "chunk_id", "pair_index", "question", "answer", "type", "difficulty", "context",
+    "heading_path", "evidence", "evidence_starts", "evidence_ends", "evidence_score", "model", "prompt_version",
+    "groundedness", "language", "source_chunk_id", "service", "doc_type", "metadata",
+)
+
+
+def grouping_key(split_by: str) -> pl.Expr:
+    """The value a row is split by: its document, or a field of its chunk's metadata (pre-chunked input),
+    falling back on the document for chunks without that field."""
+    if split_by == DOCUMENT_GROUPING:
+        return pl.col("document")
+    value = pl.col("metadata").str.json_path_match(f"$.{split_by}")
+    return pl.coalesce(value, pl.col("document"))
+
+
+def _split_warnings(options: ExportOptions, rows: pl.DataFrame, groups: dict[str, str]) -> list[str]:
+    """A sentence for each split that has a share but no pair, saying why and what to do."""
+    warnings = []
+    if options.split_by != DOCUMENT_GROUPING and rows.height:
+        with_field = rows.filter(pl.col("metadata").str.json_path_match(f"$.{options.split_by}").is_not_null())
+        if with_field.height == 0:
+            warnings.append(
+                f"no exported chunk has the metadata field {options.split_by!r}: the pairs were split by document"
+            )
+    for split, share in options.fractions().items():
+        if share > 0 and split not in groups.values():
+            warnings.append(
+                f"split {split!r} is empty: the {rows.height} exported pairs come from {len(groups)} group(s) "
+                f"of {options.split_by!r} and a group goes to one split only. Split by a finer key "
+                "(--split-by FIELD, a metadata field of pre-chunked JSONL such as service or source_file), "
+                f"or set the {split} share to 0."
+            )
+    return warnings
+
+
 def export_dataset(storage: Storage, out_dir: Path, options: ExportOptions | None = None) -> ExportSummary:
-    """Writes `{split}.jsonl`, `{split}.parquet` and `{split}.chat.jsonl` (as chosen) and a manifest.json."""
+    """Writes `{split}.jsonl`, `{split}.parquet`, `{split}.chat.jsonl`, `beir/` and `hf/` (as chosen) and a
+    manifest.json. Every row keeps the user's own ids (`source_chunk_id`, `service`, `doc_type`, `metadata`)."""
     options = options or ExportOptions()
     rows, dropped = select_pairs(storage, options)
-    splits = assign_splits(rows["document"].unique().sort().to_list(), options.fractions(), options.seed)
+    rows = rows.with_columns(group=grouping_key(options.split_by))
+    groups = assign_splits(rows["group"].unique().sort().to_list(), options.fractions(), options.seed)
     rows = rows.with_columns(
-        split=pl.col("document").replace_strict(splits, default=None, return_dtype=pl.String()),
+        split=pl.col("group").replace_strict(groups, default=None, return_dtype=pl.String()),
         id=pl.col("chunk_id") + "-" + pl.col("pair_index").cast(pl.String()),
     )
-    records = rows.select(
-        "id", "split", "document", "chunk_id", "pair_index", "question", "answer", "type", "context",
-        "heading_path", "model", "prompt_version", "groundedness", "language",
-    )
+    records = rows.select(RECORD_COLUMNS)
     summary = ExportSummary(out_dir=out_dir, rows={}, documents={}, dropped=dropped)
+    summary.warnings = _split_warnings(options, rows, groups)
     for split in SPLITS:
         part = records.filter(pl.col("split") == split)
         summary.rows[split] = part.height
-        summary.documents[split] = sorted(d for d, s in splits.items() if s == split)
+        summary.documents[split] = part["document"].unique().sort().to_list()
+        summary.groups[split] = sorted(group for group, s in groups.items() if s == split)
         if "jsonl" in options.formats:
             summary.files.append(_write_text(part.write_ndjson() if part.height else "", out_dir / f"{split}.jsonl"))
         if "parquet" in options.formats:
@@ -176,16 +234,92 @@ def export_dataset(storage: Storage, out_dir: Path, options: ExportOptions | Non
             lines = "".join(json.dumps(_chat_example(row, options), ensure_ascii=False) + "\n"
                             for row in part.iter_rows(named=True))
             summary.files.append(_write_text(lines, out_dir / f"{split}.chat.jsonl"))
+    if "beir" in options.formats:
+        summary.files += write_beir(out_dir, records, storage.query(CORPUS_SQL))
+    if "hf" in options.formats:
+        summary.files += write_hf(out_dir, records, dataset_card(records, summary, options), "QA pairs")
     manifest = {
         "created_at": datetime.now(UTC).isoformat(),
         "options": options.model_dump(mode="json"),
         "rows": summary.rows,
         "documents": summary.documents,
+        "groups": summary.groups,
         "dropped": dropped,
-        "files": [path.name for path in summary.files],
+        "warnings": summary.warnings,
+        "files": [str(path.relative_to(out_dir)) for path in summary.files],
     }
     summary.files.append(_write_text(json.dumps(manifest, indent=2) + "\n", out_dir / "manifest.json"))
     return summary
+
+
+CORPUS_SQL = "SELECT * FROM chunks ORDER BY document, position"
+
+
+def dataset_card(records: pl.DataFrame, summary: ExportSummary, options: ExportOptions) -> str:
+    """The dataset card's text: what the data is, how it was made, and its quality figures with how they
+    were measured."""
+    evidence = records["evidence_score"]
+    not_found = records.filter(pl.col("evidence_score").fill_null(0.0) < FUZZY_MIN_SCORE).height
+    types = dict(records.group_by("type").len().sort("type").iter_rows())
+    difficulty = dict(records.group_by(pl.col("difficulty").fill_null("(none)")).len().sort("difficulty").iter_rows())
+    models = ", ".join(records["model"].unique().sort().to_list()) or "none"
+    prompts = ", ".join(records["prompt_version"].unique().sort().to_list()) or "none"
+    split_lines = "\n".join(
+        f"| {HF_SPLITS[split]} | {summary.rows[split]} | {len(summary.groups[split])} |" for split in SPLITS
+    )
+    filters = {
+        "min_groundedness": options.min_groundedness, "min_evidence": options.min_evidence,
+        "drop_refusals": options.drop_refusals, "drop_invented_numbers": options.drop_invented_numbers,
+        "drop_duplicates": options.drop_duplicates, "exclude_failing_documents": options.exclude_failing_documents,
+    }
+    return f"""# QA pairs
+
+Question/answer pairs generated from documentation by qa_pipeline, each with the passage (`context`) it was
+written from, verbatim evidence quotes from that passage and their character offsets in it.
+
+## Splits
+
+Split by `{options.split_by}`: every {options.split_by} is in one split only, so no passage of an evaluation
+question was seen in training.
+
+| split | pairs | groups |
+|---|---|---|
+{split_lines}
+
+## How it was made
+
+- model: {models}
+- prompt version: {prompts}
+- structured output: a JSON schema with one slot per question type, so every chunk gets one question of each
+  type, in order; each slot asks for the question, one or more sentences quoted from the passage as
+  evidence, the answer and a difficulty label (easy, medium, hard)
+- question types: {_counts(types)}
+- difficulty labels (the model's own): {_counts(difficulty)}
+- sampling parameters (max_tokens, temperature, seed) are part of each request's cache key but are not
+  stored with the pairs: see the `qa_pairs` run's configuration
+- filters applied at export: {json.dumps({k: v for k, v in filters.items() if v})}; pairs dropped: {json.dumps(summary.dropped)}
+
+## Quality, and how it was measured
+
+- evidence score (`evidence_score`): each quote is looked up in its passage, exactly, then ignoring case,
+  spacing and typographic quotes, then by fuzzy alignment (rapidfuzz partial ratio); a quote counts as found
+  at a score of at least {FUZZY_MIN_SCORE:g}, and a pair scores as its weakest quote (0 when it quotes
+  nothing). Mean: {_mean(evidence)}; pairs whose evidence is not in their passage: {not_found} of
+  {records.height}. `evidence_starts`/`evidence_ends` are character offsets into `context` (null: not found).
+- groundedness (`groundedness`): the share of the answer's content words, numbers and names found in its
+  passage after crude stemming; a word-overlap heuristic that cannot tell a paraphrase from an invention.
+  Mean: {_mean(records["groundedness"])}.
+- These are heuristics measured against the passage, not judgements of correctness.
+"""
+
+
+def _mean(values: pl.Series) -> str:
+    mean = values.mean()
+    return "n/a" if mean is None else f"{mean:.3f}"
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{name} {count}" for name, count in counts.items()) or "none"
 
 
 def _chat_example(row: dict, options: ExportOptions) -> dict:

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 import polars as pl
 from pydantic import BaseModel, Field
 
+from qa_pipeline.core.evidence import FUZZY_MIN_SCORE, ChunkText, locate_evidence
 from qa_pipeline.core.prompts import DEFAULT_QUESTION_TYPES
 from qa_pipeline.core.storage import PAIR_SCORES_SCHEMA, QUESTION_DUPLICATES_SCHEMA, Storage
 
-SCORER_VERSION = "scores-v1"
+SCORER_VERSION = "scores-v2"  # v2: evidence located in the chunk
 # Word-set Jaccard at or above which two questions count as near-duplicates.
 NEAR_DUPLICATE_JACCARD = 0.8
 
@@ -296,6 +297,30 @@ def _chunk_vocabulary(chunks: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]
     return vocabulary, languages.select("chunk_id", chunk_language=pl.col("language").fill_null("unknown"))
 
 
+def evidence_columns(pairs: pl.DataFrame, chunks: pl.DataFrame) -> pl.DataFrame:
+    """Per `qa_pairs` row, in order: its evidence quotes located in its chunk (see core.evidence)."""
+    texts = {chunk_id: ChunkText(content) for chunk_id, content in chunks.select("chunk_id", "content").iter_rows()}
+    quotes = pairs["evidence"].to_list() if "evidence" in pairs.columns else [None] * pairs.height
+    rows = []
+    for chunk_id, pair_quotes in zip(pairs["chunk_id"].to_list(), quotes, strict=True):
+        text = texts.get(chunk_id)
+        if text is None:  # an unknown chunk: nothing to look in
+            rows.append(([], [], [], None, None))
+            continue
+        evidence = locate_evidence(pair_quotes or [], text)
+        rows.append(
+            (
+                [m.start for m in evidence.matches],
+                [m.end for m in evidence.matches],
+                [m.method for m in evidence.matches],
+                evidence.not_found,
+                evidence.score,
+            )
+        )
+    names = ("evidence_starts", "evidence_ends", "evidence_methods", "evidence_not_found", "evidence_score")
+    return pl.DataFrame(rows, schema={name: PAIR_SCORES_SCHEMA[name] for name in names}, orient="row")
+
+
 def score_pairs(
     pairs: pl.DataFrame, chunks: pl.DataFrame, threshold: float = NEAR_DUPLICATE_JACCARD
 ) -> pl.DataFrame:
@@ -305,9 +330,10 @@ def score_pairs(
     left out), numbers and names that the chunk contains, after crude stemming. Numbers and names
     the chunk does not contain are listed: an invented figure or product is the typical hallucination.
     Duplicates are looked for within the frame (one document when scoring a partition); the
-    dataset-wide search is `find_duplicate_questions` over all pairs.
+    dataset-wide search is `find_duplicate_questions` over all pairs. Evidence: see `evidence_columns`.
     """
     rows = pairs.with_row_index("row")
+    evidence = evidence_columns(pairs, chunks).with_row_index("row")
     vocabulary, chunk_languages = _chunk_vocabulary(chunks.select("chunk_id", "content"))
     row_chunk = rows.select("row", "chunk_id").join(chunk_languages, on="chunk_id", how="left")
 
@@ -371,6 +397,7 @@ def score_pairs(
         .join(questions, on="row", how="left")
         .join(row_chunk.select("row", "chunk_language"), on="row", how="left")
         .join(duplicates, on=["document", "chunk_id", "pair_index"], how="left")
+        .join(evidence, on="row", how="left")
         .sort("row")
         .with_columns(
             known=pl.col("chunk_id").is_in(chunks["chunk_id"].implode()),
@@ -395,6 +422,11 @@ def score_pairs(
             answer_words=pl.col("answer").str.count_matches(r"\S+"),
             language=pl.col("language").fill_null("unknown"),
             chunk_language="chunk_language",
+            evidence_starts="evidence_starts",
+            evidence_ends="evidence_ends",
+            evidence_methods="evidence_methods",
+            evidence_not_found="evidence_not_found",
+            evidence_score="evidence_score",
             scorer_version=pl.lit(SCORER_VERSION),
         )
     )
@@ -454,6 +486,12 @@ class QualityThresholds(BaseModel):
         0.1, ge=0, le=1, description="share of pairs that are ungrounded, invent numbers or refuse"
     )
     max_duplicate_share: float = Field(0.1, ge=0, le=1, description="share of pairs repeating an earlier question")
+    min_evidence_score: float = Field(
+        FUZZY_MIN_SCORE, ge=0, le=1, description="a pair whose weakest evidence quote scores below this is unsupported"
+    )
+    max_unsupported_evidence_share: float = Field(
+        0.1, ge=0, le=1, description="share of pairs whose evidence is not in their chunk (or who quote none)"
+    )
 
 
 @dataclass
@@ -473,6 +511,9 @@ class PartitionQuality:
     unsupported: int  # pairs with any of the three problems above
     duplicates: int
     type_counts: dict[str, int] = field(default_factory=dict)
+    mean_evidence_score: float | None = None
+    evidence_unsupported: int = 0  # pairs whose evidence score is below the threshold, quoteless ones included
+    without_evidence: int = 0  # pairs that quote nothing
 
     @property
     def success_rate(self) -> float | None:
@@ -509,7 +550,7 @@ def summarize_partition(storage: Storage, document: str, thresholds: QualityThre
     pairs = storage.read_partition("qa_pairs", document)
     failures = storage.read_partition("failures", document)
     scores = storage.read_partition("pair_scores", document)
-    if pairs is not None and (scores is None or scores.height != pairs.height):
+    if pairs is not None and (scores is None or scores.height != pairs.height or "evidence_score" not in scores.columns):
         scores = score_partition(storage, document)
     pairs = pairs if pairs is not None else pl.DataFrame(schema={"chunk_id": pl.String(), "type": pl.String()})
     if failures is None:
@@ -520,6 +561,8 @@ def summarize_partition(storage: Storage, document: str, thresholds: QualityThre
     low = pl.col("groundedness").fill_null(1.0) < thresholds.ungrounded_below
     invented = pl.col("unsupported_numbers").list.len() > 0
     mean = scores["groundedness"].mean()
+    evidence_mean = scores["evidence_score"].mean()
+    evidence_score = pl.col("evidence_score").fill_null(0.0)
     return PartitionQuality(
         document=document,
         chunks=chunks.height if chunks is not None else len(with_pairs) + failed["chunk_id"].n_unique(),
@@ -534,6 +577,9 @@ def summarize_partition(storage: Storage, document: str, thresholds: QualityThre
         unsupported=scores.filter(low | invented | pl.col("refusal")).height,
         duplicates=scores.filter(pl.col("duplicate_scope").is_not_null()).height,
         type_counts=dict(Counter(pairs["type"].to_list())),
+        mean_evidence_score=float(evidence_mean) if evidence_mean is not None else None,
+        evidence_unsupported=scores.filter(evidence_score < thresholds.min_evidence_score).height,
+        without_evidence=scores.filter(pl.col("evidence_methods").list.len().fill_null(0) == 0).height,
     )
 
 
@@ -614,10 +660,39 @@ def duplicates_verdict(quality: PartitionQuality, thresholds: QualityThresholds)
     )
 
 
+def evidence_verdict(quality: PartitionQuality, thresholds: QualityThresholds) -> Verdict:
+    share = quality.share(quality.evidence_unsupported)
+    passed = quality.pairs > 0 and share <= thresholds.max_unsupported_evidence_share
+    if quality.pairs == 0:
+        description = f"{quality.document!r} has no QA pairs to check"
+    else:
+        description = (
+            f"{quality.evidence_unsupported} of {quality.pairs} pairs have evidence that is not in their chunk "
+            f"(a quote scoring below {thresholds.min_evidence_score:g}, or no quote: {quality.without_evidence}); "
+            f"{_percent(share)}, at most {_percent(thresholds.max_unsupported_evidence_share)}; "
+            f"mean evidence score {_number(quality.mean_evidence_score)}"
+        )
+    return Verdict(
+        check="evidence",
+        passed=passed,
+        description=description,
+        metadata={
+            "evidence_unsupported_share": share,
+            "max_unsupported_evidence_share": thresholds.max_unsupported_evidence_share,
+            "min_evidence_score": thresholds.min_evidence_score,
+            "evidence_unsupported": quality.evidence_unsupported,
+            "without_evidence": quality.without_evidence,
+            "mean_evidence_score": quality.mean_evidence_score,
+            "pairs": quality.pairs,
+        },
+    )
+
+
 def partition_verdicts(quality: PartitionQuality, thresholds: QualityThresholds) -> list[Verdict]:
     return [
         success_rate_verdict(quality, thresholds),
         groundedness_verdict(quality, thresholds),
+        evidence_verdict(quality, thresholds),
         duplicates_verdict(quality, thresholds),
     ]
 

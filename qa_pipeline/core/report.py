@@ -11,6 +11,7 @@ from qa_pipeline.core.quality import QualityThresholds, find_duplicate_questions
 from qa_pipeline.core.storage import Storage
 
 UNGROUNDED_BELOW = QualityThresholds().ungrounded_below
+MIN_EVIDENCE_SCORE = QualityThresholds().min_evidence_score
 
 SUMMARY_SQL = """
 WITH chunk_status AS (
@@ -81,8 +82,29 @@ SELECT count(*) AS scored_pairs,
        count(*) FILTER (WHERE refusal) AS refusals,
        count(*) FILTER (WHERE language <> chunk_language AND language <> 'unknown'
                           AND chunk_language <> 'unknown') AS pairs_in_another_language,
-       (SELECT count(DISTINCT chunk_id) FROM failures WHERE reason = 'truncated') AS chunks_truncated
+       (SELECT count(DISTINCT chunk_id) FROM failures WHERE reason = 'truncated') AS chunks_truncated,
+       avg(evidence_score) AS mean_evidence_score,
+       count(*) FILTER (WHERE coalesce(evidence_score, 0) < {min_evidence_score}) AS pairs_evidence_not_in_chunk,
+       count(*) FILTER (WHERE coalesce(len(evidence_methods), 0) = 0) AS pairs_without_evidence
 FROM pair_scores
+"""
+
+# How each evidence quote was found (core.evidence): exact, normalized (case/spacing), fuzzy, not_found.
+EVIDENCE_METHODS_SQL = """
+SELECT method, count(*) AS quotes FROM (SELECT unnest(evidence_methods) AS method FROM pair_scores)
+GROUP BY method ORDER BY method
+"""
+
+DIFFICULTY_SQL = """
+SELECT coalesce(difficulty, '(none)') AS difficulty, count(*) AS pairs FROM qa_pairs GROUP BY ALL ORDER BY 1
+"""
+
+EVIDENCE_NOT_IN_CHUNK_SQL = """
+SELECT q.document, q.question, q.evidence, s.evidence_score, s.evidence_methods
+FROM qa_pairs q JOIN pair_scores s USING (document, chunk_id, pair_index)
+WHERE coalesce(s.evidence_score, 0) < {min_evidence_score}
+ORDER BY s.evidence_score NULLS FIRST, q.document, q.chunk_id, q.pair_index
+LIMIT 10
 """
 
 TYPES_PER_DOCUMENT_SQL = """
@@ -142,6 +164,8 @@ class QualityReport:
     worst_grounded: pl.DataFrame
     duplicates: pl.DataFrame  # `question_duplicates` rows over the whole dataset
     groundedness: list[float]
+    evidence_not_in_chunk: pl.DataFrame
+    difficulty: pl.DataFrame
 
     def markdown(self) -> str:
         s = self.summary
@@ -164,6 +188,14 @@ class QualityReport:
             f"- pairs below {UNGROUNDED_BELOW:g} groundedness: {s['pairs_ungrounded']}; with numbers not in the "
             f"chunk: {s['pairs_with_invented_numbers']}; with names not in the chunk: {s['pairs_with_unknown_names']}",
             f"- refusals (\"the passage does not say ...\"): {s['refusals']}",
+            f"- evidence (each answer's quotes looked up in its chunk: exactly, then ignoring case and spacing, "
+            f"then fuzzily at a score >= {MIN_EVIDENCE_SCORE:g}; a pair scores as its weakest quote): mean score "
+            f"{_fraction(s['mean_evidence_score'])}; pairs whose evidence is not in their chunk: "
+            f"{s['pairs_evidence_not_in_chunk']} of {s['scored_pairs']} "
+            f"({_percent(_share(s['pairs_evidence_not_in_chunk'], s['scored_pairs']))}), "
+            f"{s['pairs_without_evidence']} of them quoting nothing",
+            f"- evidence quotes found: {_counts(s['evidence_methods'])}",
+            f"- difficulty labels: {_counts(s['difficulty_counts'])}",
             f"- duplicate questions: {s['duplicates_in_chunk']} within a chunk, {s['duplicates_in_document']} "
             f"within a document, {s['duplicates_across_documents']} across documents",
             f"- question type balance: {_fraction(s['type_balance'])} (1 = every type equally common)",
@@ -178,6 +210,9 @@ class QualityReport:
             "",
             "## Worst-grounded pairs",
             to_markdown_table(self.worst_grounded) if self.worst_grounded.height else "No scored pairs.",
+            "",
+            "## Pairs whose evidence is not in their chunk",
+            to_markdown_table(self.evidence_not_in_chunk) if self.evidence_not_in_chunk.height else "None.",
             "",
             "## Languages",
             to_markdown_table(self.languages) if self.languages.height else "No scored pairs.",
@@ -208,7 +243,8 @@ def build_report(storage: Storage) -> QualityReport:
     with storage.connect() as connection:
 
         def frame(sql: str) -> pl.DataFrame:
-            return connection.sql(sql.replace("{ungrounded_below}", str(UNGROUNDED_BELOW))).pl()
+            sql = sql.replace("{ungrounded_below}", str(UNGROUNDED_BELOW))
+            return connection.sql(sql.replace("{min_evidence_score}", str(MIN_EVIDENCE_SCORE))).pl()
 
         summary = frame(SUMMARY_SQL).row(0, named=True)
         summary.update(frame(QUALITY_SQL).row(0, named=True))
@@ -216,6 +252,9 @@ def build_report(storage: Storage) -> QualityReport:
         duplicates = find_duplicate_questions(frame(PAIRS_IN_ORDER_SQL))
         per_document = frame(PER_DOCUMENT_SQL)
         groundedness = frame("SELECT groundedness FROM pair_scores WHERE groundedness IS NOT NULL")
+        difficulty = frame(DIFFICULTY_SQL)
+        summary["evidence_methods"] = dict(frame(EVIDENCE_METHODS_SQL).iter_rows())
+        summary["difficulty_counts"] = dict(difficulty.iter_rows())
         report = QualityReport(
             summary=summary,
             per_document=per_document,
@@ -227,6 +266,8 @@ def build_report(storage: Storage) -> QualityReport:
             worst_grounded=frame(WORST_GROUNDED_SQL),
             duplicates=duplicates,
             groundedness=groundedness["groundedness"].to_list(),
+            evidence_not_in_chunk=frame(EVIDENCE_NOT_IN_CHUNK_SQL),
+            difficulty=difficulty,
         )
     by_scope = dict(duplicates.group_by("scope").len().iter_rows())
     attempted = (summary["chunks_with_pairs"] or 0) + (summary["chunks_failed"] or 0)
@@ -238,6 +279,14 @@ def build_report(storage: Storage) -> QualityReport:
         truncation_rate=(summary["chunks_truncated"] or 0) / attempted if attempted else None,
     )
     return report
+
+
+def _share(count: int | None, total: int | None) -> float | None:
+    return (count or 0) / total if total else None
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in counts.items()) or "none"
 
 
 def _types_table(types: pl.DataFrame) -> pl.DataFrame:

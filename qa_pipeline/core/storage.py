@@ -103,6 +103,14 @@ PAIR_SCORES_SCHEMA: dict[str, pl.DataType] = {
     "answer_words": pl.Int32(),
     "language": pl.String(),
     "chunk_language": pl.String(),
+    # The pair's evidence quotes located in its chunk (core.evidence): character offsets into the chunk's
+    # content as stored (null where a quote is not found), how each was found, and the weakest quote's
+    # score (0 for a pair without quotes).
+    "evidence_starts": pl.List(pl.Int32()),
+    "evidence_ends": pl.List(pl.Int32()),
+    "evidence_methods": pl.List(pl.String()),
+    "evidence_not_found": pl.Int32(),
+    "evidence_score": pl.Float64(),
     "scorer_version": pl.String(),
 }
 

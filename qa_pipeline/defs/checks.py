@@ -1,4 +1,4 @@
-"""The quality checks of each `qa_pairs` partition: success rate, groundedness and duplicates.
+"""The quality checks of each `qa_pairs` partition: success rate, groundedness, evidence and duplicates.
 
 They are evaluated inside the `qa_pairs` step, for each document as soon as its tables are written,
 so a run over many documents gives one verdict per document even when another document of the run
@@ -13,6 +13,7 @@ from qa_pipeline.core.quality import (
     QualityThresholds,
     Verdict,
     duplicates_verdict,
+    evidence_verdict,
     groundedness_verdict,
     success_rate_verdict,
     summarize_partition,
@@ -35,6 +36,11 @@ CHECKS = {
         "The answers are supported by their chunks: mean groundedness, and few answers that are "
         "ungrounded, state numbers the chunk does not contain, or refuse to answer.",
     ),
+    "evidence": (
+        evidence_verdict, _ERROR, True,
+        "Each answer's evidence quotes are in its chunk (found exactly, ignoring case and spacing, or "
+        "fuzzily above a score): few pairs quote text the chunk does not contain, or quote nothing.",
+    ),
     "duplicates": (
         duplicates_verdict, _WARN, False,
         "Few questions repeat (or nearly repeat) an earlier question of the same document; a warning, "
@@ -56,6 +62,8 @@ class QualityChecksConfig(dg.Config):
     ungrounded_below: float = _DEFAULTS.ungrounded_below
     max_unsupported_share: float = _DEFAULTS.max_unsupported_share
     max_duplicate_share: float = _DEFAULTS.max_duplicate_share
+    min_evidence_score: float = _DEFAULTS.min_evidence_score
+    max_unsupported_evidence_share: float = _DEFAULTS.max_unsupported_evidence_share
 
     def thresholds(self) -> QualityThresholds:
         return QualityThresholds(**self.model_dump())
