@@ -115,7 +115,7 @@ def test_an_unchanged_partition_costs_no_request_and_a_changed_prompt_or_force_r
     assert sim.stats()["requests_total"] == 40, "--force regenerates although everything is cached"
 
     rows = sql("SELECT count(DISTINCT chunk_id) AS chunks, count(*) AS pairs FROM qa_pairs", env)[0]
-    assert rows == {"chunks": 40, "pairs": 120}
+    assert rows == {"chunks": 40, "pairs": 80}, "two question types asked for: two pairs per chunk"
     journal = DataLayout(data_dir).journal_file("records.jsonl")
     assert journal_lines(journal) == 40, "after three prompts, the journal keeps only the current answers"
 
