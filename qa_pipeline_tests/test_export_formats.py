@@ -75,7 +75,7 @@ def load_hf_folder(folder: Path) -> dict[str, pl.DataFrame]:
 def generated(tmp_path_factory):
     """Three PEPs and a pre-chunked JSONL export of a help centre (five services, the user's own ids),
     run through `qa-pipeline run` against the simulator."""
-    from qa_pipeline.core.simulator import start_simulator_process
+    from qa_pipeline.simulator.process import start_simulator_process
 
     root = tmp_path_factory.mktemp("formats")
     data_dir = root / "data"

@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from qa_pipeline.simulator.content import EvidenceRates
+
 HOST = "127.0.0.1"
 DEFAULT_MODEL_NAME = "sim-model"
 
@@ -70,6 +72,13 @@ class SimulatorConfig(FaultConfig):
     output_tokens_max: int = Field(2048, ge=1, description="longest output, tokens")
     kv_cache_tokens: int = Field(131072, ge=1, description="tokens the KV cache holds across running sequences")
     max_model_len: int = Field(32768, ge=1, description="longest prompt plus max_tokens accepted, tokens")
+    evidence_paraphrase_rate: float = Field(
+        0.0, ge=0, le=1, description="share of evidence quotes reworded (case, spacing, a word dropped)"
+    )
+    evidence_invented_rate: float = Field(
+        0.0, ge=0, le=1, description="share of evidence quotes made up: sentences the passage does not contain"
+    )
+    evidence_seed: int = Field(0, description="seed of the draws of each quote's kind")
 
     @model_validator(mode="after")
     def _output_range(self) -> SimulatorConfig:
@@ -92,6 +101,18 @@ class SimulatorConfig(FaultConfig):
 
     def fault_config(self) -> FaultConfig:
         return FaultConfig.model_validate(self.model_dump(include=set(FaultConfig.model_fields)))
+
+    def evidence(self) -> EvidenceRates:
+        return EvidenceRates(self.evidence_paraphrase_rate, self.evidence_invented_rate, self.evidence_seed)
+
+    @model_validator(mode="after")
+    def _evidence_rates(self) -> SimulatorConfig:
+        if self.evidence_paraphrase_rate + self.evidence_invented_rate > 1:
+            raise ValueError(
+                f"evidence_paraphrase_rate ({self.evidence_paraphrase_rate}) plus evidence_invented_rate "
+                f"({self.evidence_invented_rate}) is above 1"
+            )
+        return self
 
 
 

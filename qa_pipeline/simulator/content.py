@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from qa_pipeline.core.prompts import QAPairSet
+from qa_pipeline.core.prompts import qa_schema, question_types_described
 
 
 class SchemaError(ValueError):
@@ -18,10 +19,62 @@ class SchemaError(ValueError):
 
 
 @dataclass(frozen=True)
+class EvidenceRates:
+    """How the simulator's evidence quotes are drawn: the shares reworded and made up, and the seed."""
+
+    paraphrase: float = 0.0
+    invented: float = 0.0
+    seed: int = 0
+
+
+QuoteKind = str  # "verbatim", "paraphrased" or "invented"
+
+
+def evidence_kind(passage: str, pair: int, quote: int, rates: EvidenceRates) -> QuoteKind:
+    """What the simulator does with quote `quote` of pair `pair` of an answer about `passage`: a draw
+    fixed by them and the seed, so a benchmark knows each quote's true kind without asking."""
+    digest = hashlib.blake2b(f"{rates.seed}\0{pair}\0{quote}\0{passage}".encode(), digest_size=8).digest()
+    draw = int.from_bytes(digest, "big") / 2**64
+    if draw < rates.invented:
+        return "invented"
+    if draw < rates.invented + rates.paraphrase:
+        return "paraphrased"
+    return "verbatim"
+
+
+# Made-up support a model might give: the passage's topic with specifics the passage does not state.
+_INVENTED_QUOTES = (
+    "{topic} was deprecated in release {n}.{m} after a security review by the steering council.",
+    "According to the maintainers, {topic} doubles throughput on machines with more than {n}{m} cores.",
+    "Since {year}, {topic} has been required by every vendor certified under the compliance programme.",
+    "The original design of {topic} was abandoned because it corrupted data on {n} of {m}0 test systems.",
+)
+
+
+def _paraphrased(sentence: str, draw: int) -> str:
+    """The sentence as a careless model quotes it: another case, spacing and apostrophes, no final stop,
+    and in a longer sentence one short word (an article, a preposition) left out."""
+    words = sentence.split()
+    short = [i for i, word in enumerate(words[1:-1], start=1) if len(word) <= 3]
+    if len(words) >= 8 and short:
+        del words[short[draw % len(short)]]
+    text = (" ".join(words).replace("'", "’")).rstrip(".")
+    # A "sentence" of punctuation (an RST directive's "..") has nothing to reword: quoted as it is.
+    return text[:1].lower() + text[1:] if any(char.isalnum() for char in text) else sentence
+
+
+def _invented(topic: str, draw: int) -> str:
+    template = _INVENTED_QUOTES[draw % len(_INVENTED_QUOTES)]
+    return template.format(topic=topic, n=3 + draw % 7, m=1 + draw % 5, year=1990 + draw % 30)
+
+
+@dataclass(frozen=True)
 class _Material:
     """Sentences of one passage; a short topic phrase is taken from one when a value needs it."""
 
     sentences: tuple[str, ...]
+    passage: str = ""
+    evidence: EvidenceRates = EvidenceRates()
 
     def sentence(self, index: int) -> str:
         return self.sentences[index % len(self.sentences)]
@@ -42,12 +95,12 @@ _PHRASE_BREAKS = frozenset(
 )
 
 
-def _material(passage: str) -> _Material:
+def _material(passage: str, evidence: EvidenceRates = EvidenceRates()) -> _Material:
     units = [unit.strip() for unit in _SENTENCE_BREAK.split(passage)]
     sentences = [unit for unit in units if _counts_words(unit, 3)] or [unit for unit in units if unit]
     if not sentences:
         sentences = ["The passage is empty."]
-    return _Material(tuple(sentences))
+    return _Material(tuple(sentences), passage, evidence)
 
 
 def _counts_words(text: str, count: int) -> bool:
@@ -78,6 +131,7 @@ _QUESTION_TEMPLATES = {
     "comparison": "How does {topic} compare with {other} according to the passage?",
 }
 _QUESTION_FIELD = re.compile(r"question|query|prompt", re.IGNORECASE)
+_EVIDENCE_FIELD = re.compile(r"evidence|quote|citation", re.IGNORECASE)
 _FORMAT_EXAMPLES = {
     "date-time": "2024-01-01T00:00:00Z",
     "date": "2024-01-01",
@@ -101,6 +155,7 @@ class _Draw:
     kind: str | None = None
     depth: int = 0
     strings: int = 0
+    parent_item: int = 0  # the item of the object holding this array (for an evidence quote: its pair)
 
 
 _Generate = Callable[[_Draw], Any]
@@ -207,17 +262,28 @@ class _SchemaCompiler:
         # The first enum field (a question type, say) is drawn first so sibling strings can follow it.
         kind_field = next((prop for prop, sub in properties.items() if "enum" in self.resolve(sub)), None)
         kind_generate = dict((prop, generate) for prop, generate, _ in fields).get(kind_field)
+        # Object-valued fields are slots (one QA pair per question type): each is about another sentence.
+        slots = {
+            prop: index
+            for index, prop in enumerate(p for p, sub in properties.items() if self.resolve(sub).get("type") == "object")
+        }
 
         def generate(draw: _Draw) -> dict[str, Any]:
             inner = _Draw(draw.material, draw.item, None, draw.depth + 1)
             if kind_generate is not None:
                 inner.kind = kind_generate(inner)
             shallow = draw.depth < _MAX_DEPTH
-            return {
-                prop: inner.kind if prop == kind_field else each(inner)
-                for prop, each, needed in fields
-                if needed or shallow
-            }
+            values = {}
+            for prop, each, needed in fields:
+                if not (needed or shallow):
+                    continue
+                if prop == kind_field:
+                    values[prop] = inner.kind
+                elif prop in slots:
+                    values[prop] = each(_Draw(draw.material, draw.item + slots[prop], None, draw.depth + 1))
+                else:
+                    values[prop] = each(inner)
+            return values
 
         return generate
 
@@ -230,8 +296,14 @@ class _SchemaCompiler:
         count = max(low, wanted)
         item = self.compile(items, name)
 
+        evidence = bool(_EVIDENCE_FIELD.search(name))
+
         def generate(draw: _Draw) -> list[Any]:
             n = count if draw.depth < _MAX_DEPTH else low
+            if evidence:  # quotes: the pair's own sentence first, then the one after it
+                n = max(low, min(n, 2))
+                return [item(_Draw(draw.material, draw.item + index, None, draw.depth + 1, parent_item=draw.item))
+                        for index in range(n)]
             return [item(_Draw(draw.material, index, None, draw.depth + 1)) for index in range(n)]
 
         return generate
@@ -242,11 +314,14 @@ class _SchemaCompiler:
         high = node.get("maxLength")
         example = _FORMAT_EXAMPLES.get(node.get("format", ""))
         question = bool(_QUESTION_FIELD.search(name))
+        evidence = bool(_EVIDENCE_FIELD.search(name))
 
         def generate(draw: _Draw) -> str:
             if example is not None:
                 return example
-            if question:
+            if evidence:
+                text = _quote(draw)
+            elif question:
                 template = _QUESTION_TEMPLATES.get(draw.kind or "factual", _QUESTION_TEMPLATES["factual"])
                 text = template.format(topic=draw.material.topic(draw.item), other=draw.material.topic(draw.item + 1))
             else:
@@ -295,6 +370,18 @@ class _SchemaCompiler:
         return lambda draw: None
 
 
+def _quote(draw: _Draw) -> str:
+    """An evidence quote: the passage's sentence as it is, reworded, or made up (see evidence_kind)."""
+    material = draw.material
+    sentence = material.sentence(draw.item)
+    kind = evidence_kind(material.passage, draw.parent_item, draw.item - draw.parent_item, material.evidence)
+    if kind == "paraphrased":
+        return _paraphrased(sentence, draw.item)
+    if kind == "invented":
+        return _invented(material.topic(draw.item), draw.item + draw.parent_item)
+    return sentence
+
+
 def _clamp(value: float, low: float | None, high: float | None) -> float:
     if low is not None:
         value = max(value, low)
@@ -311,20 +398,35 @@ def _schema_generator(schema_key: str) -> _Generate:
 
 
 @lru_cache(maxsize=4096)
-def render(schema_key: str, passage: str) -> str:
+def render(schema_key: str, passage: str, evidence: EvidenceRates = EvidenceRates()) -> str:
     """The JSON answer for one passage; cached because clients re-send the same chunks."""
-    return json.dumps(_schema_generator(schema_key)(_Draw(_material(passage))), ensure_ascii=False)
+    return json.dumps(_schema_generator(schema_key)(_Draw(_material(passage, evidence))), ensure_ascii=False)
 
 
-QA_SCHEMA_KEY = json.dumps(QAPairSet.model_json_schema())
+# Without a schema in the request, the answer has the shape the project's prompt asks for.
+QA_SCHEMA_KEY = json.dumps(qa_schema(question_types_described()))
 
 
 def drop_a_field(value: Any) -> Any:
-    """The instance with one field missing: "answer" (else the first field) of the first object in an array."""
-    target = _first_item_object(value) or (value if isinstance(value, dict) else None)
+    """The instance with one field missing: "answer" of the first object that has one (a QA pair, in a
+    list or a slot), else the first field of the first object in an array, else of the instance."""
+    target = _first_object(value, lambda obj: "answer" in obj) or _first_item_object(value)
+    target = target or (value if isinstance(value, dict) else None)
     if target:
         target.pop("answer" if "answer" in target else next(iter(target)))
     return value
+
+
+def _first_object(value: Any, wanted: Callable[[dict], bool]) -> dict | None:
+    """The first object, depth first, that `wanted` accepts."""
+    if isinstance(value, dict) and wanted(value):
+        return value
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for child in children:
+        found = _first_object(child, wanted)
+        if found is not None:
+            return found
+    return None
 
 
 def _first_item_object(value: Any) -> dict | None:

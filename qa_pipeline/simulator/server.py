@@ -21,7 +21,12 @@ from aiohttp import web
 
 from qa_pipeline.core.prompts import PASSAGE_OPEN, extract_passage
 from qa_pipeline.simulator.config import HOST, FaultConfig, FaultKind, SimulatorConfig
-from qa_pipeline.simulator.content import QA_SCHEMA_KEY, SchemaError, drop_a_field, render
+from qa_pipeline.simulator.content import (
+    QA_SCHEMA_KEY,
+    SchemaError,
+    drop_a_field,
+    render,
+)
 from qa_pipeline.simulator.engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -261,18 +266,19 @@ class Simulator:
 
     def _content(self, response_format: Any, passage: str) -> tuple[str, bool]:
         """The JSON answer, and whether to wrap it in prose and a code fence (no response_format asked)."""
+        evidence = self.config.evidence()
         if response_format is None or response_format == {"type": "text"}:
-            return render(QA_SCHEMA_KEY, passage), True
+            return render(QA_SCHEMA_KEY, passage, evidence), True
         kind = response_format.get("type") if isinstance(response_format, dict) else None
         if kind == "json_object":
-            return render(QA_SCHEMA_KEY, passage), False
+            return render(QA_SCHEMA_KEY, passage, evidence), False
         if kind != "json_schema":
             raise _BadRequest(400, "BadRequestError", f"unsupported response_format: {response_format!r}")
         schema = (response_format.get("json_schema") or {}).get("schema")
         if not isinstance(schema, dict):
             raise _BadRequest(400, "BadRequestError", "response_format.json_schema.schema must be a JSON object")
         try:
-            return render(self._schema_key(schema), passage), False
+            return render(self._schema_key(schema), passage, evidence), False
         except SchemaError as error:
             raise _BadRequest(400, "BadRequestError", f"response_format schema: {error}") from None
 
