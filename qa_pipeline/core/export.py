@@ -297,7 +297,8 @@ question was seen in training.
 - difficulty labels (the model's own): {_counts(difficulty)}
 - sampling parameters (max_tokens, temperature, seed) are part of each request's cache key but are not
   stored with the pairs: see the `qa_pairs` run's configuration
-- filters applied at export: {json.dumps({k: v for k, v in filters.items() if v})}; pairs dropped: {json.dumps(summary.dropped)}
+- filters applied at export: {json.dumps({k: v for k, v in filters.items() if v})}
+- pairs dropped by them: {json.dumps(summary.dropped)}
 
 ## Quality, and how it was measured
 

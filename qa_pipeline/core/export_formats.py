@@ -65,7 +65,10 @@ def write_beir(out_dir: Path, records: pl.DataFrame, chunks: pl.DataFrame) -> li
         query_lines.append(json.dumps({"_id": row["id"], "text": row["question"], "metadata": metadata},
                                       ensure_ascii=False) + "\n")
     relevant = evidence_chunks(records, chunks)
-    files = [_write(folder / "corpus.jsonl", "".join(corpus_lines)), _write(folder / "queries.jsonl", "".join(query_lines))]
+    files = [
+        _write(folder / "corpus.jsonl", "".join(corpus_lines)),
+        _write(folder / "queries.jsonl", "".join(query_lines)),
+    ]
     for split, name in BEIR_SPLITS.items():
         ids = records.filter(pl.col("split") == split)["id"].to_list()
         lines = ["query-id\tcorpus-id\tscore\n"] + [f"{q}\t{c}\t1\n" for q in ids for c in relevant[q]]
@@ -76,7 +79,7 @@ def write_beir(out_dir: Path, records: pl.DataFrame, chunks: pl.DataFrame) -> li
 def _user_ids(row: Mapping, **extra: str) -> dict:
     """The ids and metadata a pre-chunked input brought (nothing for documents the pipeline chunked)."""
     metadata = json.loads(row.get("metadata") or row.get("metadata_json") or "{}")
-    ids = {"source_chunk_id": row.get("source_chunk_id"), "service": row.get("service"), "doc_type": row.get("doc_type")}
+    ids = {name: row.get(name) for name in ("source_chunk_id", "service", "doc_type")}
     return {**extra, **{key: value for key, value in ids.items() if value is not None},
             **({"metadata": metadata} if metadata else {})}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import re
-from enum import StrEnum
 from collections.abc import Mapping, Sequence
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -160,7 +160,10 @@ def build_messages(
     quoted from the passage and a difficulty label."""
     described = question_types if isinstance(question_types, Mapping) else question_types_described(question_types)
     wanted = "\n".join(f"- {kind}: {description}" for kind, description in described.items())
-    slot = '{"type": ..., "question": ..., "evidence": ["<sentence copied from the passage>"], "answer": ..., "difficulty": "easy" | "medium" | "hard"}'
+    slot = (
+        '{"type": ..., "question": ..., "evidence": ["<sentence copied from the passage>"], "answer": ..., '
+        '"difficulty": "easy" | "medium" | "hard"}'
+    )
     shape = ", ".join(f'"{kind}": {slot}' for kind in list(described)[:1]) + (", ..." if len(described) > 1 else "")
     section = f"Section: {' > '.join(heading_path)}\n" if heading_path else ""
     user = (
