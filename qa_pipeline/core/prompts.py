@@ -160,16 +160,17 @@ def build_messages(
     quoted from the passage and a difficulty label."""
     described = question_types if isinstance(question_types, Mapping) else question_types_described(question_types)
     wanted = "\n".join(f"- {kind}: {description}" for kind, description in described.items())
-    slot = (
-        '{"type": ..., "question": ..., "evidence": ["<sentence copied from the passage>"], "answer": ..., '
-        '"difficulty": "easy" | "medium" | "hard"}'
-    )
-    shape = ", ".join(f'"{kind}": {slot}' for kind in list(described)[:1]) + (", ..." if len(described) > 1 else "")
+    # The shape with bare ellipses: a placeholder text in it ("<sentence from the passage>") is what a
+    # small model copies into its answer instead of a sentence of the passage.
+    first = next(iter(described))
+    shape = f'"{first}": {{"type": "{first}", "question": ..., "evidence": [...], "answer": ..., "difficulty": ...}}'
+    shape += ", ..." if len(described) > 1 else ""
     section = f"Section: {' > '.join(heading_path)}\n" if heading_path else ""
     user = (
         f"Write {len(described)} question/answer pairs about the passage below, one of each type:\n{wanted}\n"
-        "For each answer, copy one or more sentences word for word from the passage as evidence, "
-        "and rate how hard the question is (easy, medium or hard).\n"
+        "For each question, first copy into evidence the sentence or sentences of the passage that answer it, "
+        "exactly as they are written there; then write the answer from them, and rate how hard the question "
+        "is (easy, medium or hard).\n"
         f"Return {{{shape}}}.\n\n"
         f"{section}{PASSAGE_OPEN}\n{content}\n{PASSAGE_CLOSE}"
     )
