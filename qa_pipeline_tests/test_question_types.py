@@ -9,7 +9,7 @@ def test_every_chunk_has_exactly_the_requested_types_in_order_with_difficulty_an
     copy_sample(data_dir, "pep-0020.rst", "pep-0604.rst")
     env = cli_env(data_dir, sim.base_url)
 
-    run_cli(
+    run = run_cli(
         "run", "--levels", "2", "--sample-size", "4",
         "--question-types", "factual,howto,comparison",
         "--describe-type", "howto=asks how to do a task the passage describes",
@@ -29,3 +29,7 @@ def test_every_chunk_has_exactly_the_requested_types_in_order_with_difficulty_an
     assert all(row["types"] == ["factual", "howto", "comparison"] for row in chunks)
     assert all(set(row["difficulties"]) <= {"easy", "medium", "hard"} for row in chunks)
     assert all(row["all_have_evidence"] for row in chunks)
+    # The simulator quotes its passage verbatim: the report says every pair's evidence was found.
+    pairs = sql("SELECT count(*) AS n FROM qa_pairs", env)[0]["n"]
+    assert f"pairs whose evidence is not in their chunk: 0 of {pairs} (0.0 %)" in run.stdout
+    assert "howto" in run.stdout and "difficulty labels: easy" in run.stdout
