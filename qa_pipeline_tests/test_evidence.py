@@ -48,3 +48,34 @@ def test_an_invented_quote_is_not_found_and_makes_the_pair_unsupported():
 def test_a_pair_without_quotes_has_no_evidence():
     evidence = locate_evidence([], CHUNK)
     assert evidence.score == 0.0 and not evidence.found
+
+
+def test_outputs_written_before_evidence_existed_are_rescored_and_reported_as_without_evidence(tmp_path):
+    """A data folder from before this prompt: qa_pairs without evidence or difficulty columns, pair_scores
+    of the previous scorer. The views still have the new columns, and the report and export work."""
+    import polars as pl
+
+    from qa_pipeline.core.export import ExportOptions, export_dataset
+    from qa_pipeline.core.layout import DataLayout
+    from qa_pipeline.core.quality import score_pairs
+    from qa_pipeline.core.report import build_report
+    from qa_pipeline.core.storage import Storage
+    from qa_pipeline_tests.written_outputs import write_document
+
+    storage = Storage(DataLayout(root=tmp_path / "data"))
+    write_document(storage, "old.md", {"c1": CHUNK}, {"c1": [("Who is a Pythoneer?", "Tim Peters.", "factual")]})
+    old_pairs = storage.read_partition("qa_pairs", "old.md").drop("evidence", "difficulty")
+    storage.write_partition("qa_pairs", "old.md", old_pairs)
+    old_scores = score_pairs(old_pairs, storage.read_partition("chunks", "old.md"))
+    old_scores = old_scores.select(pl.exclude("^evidence_.*$")).with_columns(scorer_version=pl.lit("scores-v1"))
+    storage.write_partition("pair_scores", "old.md", old_scores)
+
+    report = build_report(storage).markdown()
+    summary = export_dataset(storage, tmp_path / "out", ExportOptions(formats=("jsonl",), min_evidence=0.85))
+
+    assert "difficulty labels: (none) 1" in report
+    assert "pairs whose evidence is not in their chunk: 1 of 1" in report
+    assert summary.dropped == {"evidence_not_in_chunk": 1}
+    scores = storage.read_partition("pair_scores", "old.md")
+    assert scores["evidence_score"].to_list() == [0.0] and scores["scorer_version"].to_list() == ["scores-v2"]
+    assert pl.read_parquet(storage.layout.partition_file("qa_pairs", "old.md")).columns == old_pairs.columns

@@ -457,15 +457,18 @@ def scores_are_current(storage: Storage, document: str) -> bool:
 
 
 def refresh_pair_scores(storage: Storage) -> list[str]:
-    """Scores every document whose `pair_scores` are missing or older than its `qa_pairs` (outputs
-    written before scoring existed, or by hand); returns the documents scored."""
+    """Scores every document whose `pair_scores` are missing, older than its `qa_pairs` (outputs
+    written before scoring existed, or by hand) or made by an earlier scorer (without evidence, say);
+    returns the documents scored."""
     layout = storage.layout
     scored = []
     for document in storage.query("SELECT DISTINCT document FROM chunks ORDER BY 1")["document"].to_list():
         pairs_file = layout.partition_file("qa_pairs", document)
         scores_file = layout.partition_file("pair_scores", document)
         if pairs_file.exists() and (
-            not scores_file.exists() or scores_file.stat().st_mtime_ns < pairs_file.stat().st_mtime_ns
+            not scores_file.exists()
+            or scores_file.stat().st_mtime_ns < pairs_file.stat().st_mtime_ns
+            or not scores_are_current(storage, document)
         ):
             score_partition(storage, document)
             scored.append(document)

@@ -517,14 +517,18 @@ class Storage:
         return {name: self._view_sql(name, schema) for name, schema in schemas.items()}
 
     def _view_sql(self, table: str, schema: dict[str, pl.DataType]) -> str:
-        if self.partition_files(table):
-            pattern = str(self.layout.table_dir(table) / "*.parquet").replace("'", "''")
-            return f"SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
-        # No file yet: an empty view with the right columns, so queries work from the start.
+        # The table's columns, typed, without rows: the view has them from the start, and files written
+        # before a column existed (evidence, difficulty) read as NULL in it instead of lacking it.
         empty = pl.DataFrame(schema=schema)
         columns = ", ".join(
             f"CAST(NULL AS {_duckdb_type(dtype)}) AS {name}" for name, dtype in empty.schema.items()
         )
+        if self.partition_files(table):
+            pattern = str(self.layout.table_dir(table) / "*.parquet").replace("'", "''")
+            return (
+                f"SELECT * FROM read_parquet('{pattern}', union_by_name = true) "
+                f"UNION ALL BY NAME SELECT {columns} WHERE false"
+            )
         return f"SELECT {columns} WHERE false"
 
     def query(self, sql: str) -> pl.DataFrame:
