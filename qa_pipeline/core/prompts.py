@@ -21,9 +21,13 @@ PASSAGE_CLOSE = "</passage>"
 DEFAULT_QUESTION_TYPES: tuple[str, ...] = tuple(DEFAULT_QUESTION_TYPE_DESCRIPTIONS)
 Difficulty = Literal["easy", "medium", "hard"]
 DIFFICULTIES: tuple[str, ...] = ("easy", "medium", "hard")
-# Quotes asked for per answer: at least one, and few enough that a small model does not ramble.
-MAX_EVIDENCE_QUOTES = 3
-MAX_QUOTE_CHARS = 1000
+# Bounds of each slot's strings in the schema. Structured output stops a string at its bound, so they
+# cap an answer's length: with three slots the embedded 135M model, which rambles until a bound, ran
+# past max_tokens on 2 of 6 chunks with quotes of 1000 characters, three of them, and answers of 4000.
+MAX_EVIDENCE_QUOTES = 2
+MAX_QUOTE_CHARS = 500
+MAX_QUESTION_CHARS = 300
+MAX_ANSWER_CHARS = 1000
 
 
 class FailureReason(StrEnum):
@@ -114,7 +118,7 @@ def qa_schema(question_types: Mapping[str, str]) -> dict:
             "properties": {
                 # A one-value enum: the slot says its type, which also lets readers of the raw output see it.
                 "type": {"type": "string", "enum": [kind]},
-                "question": {"type": "string", "minLength": 3, "maxLength": 1000},
+                "question": {"type": "string", "minLength": 3, "maxLength": MAX_QUESTION_CHARS},
                 "evidence": {
                     "type": "array",
                     "description": "sentences copied word for word from the passage that support the answer",
@@ -122,7 +126,7 @@ def qa_schema(question_types: Mapping[str, str]) -> dict:
                     "minItems": 1,
                     "maxItems": MAX_EVIDENCE_QUOTES,
                 },
-                "answer": {"type": "string", "minLength": 1, "maxLength": 4000},
+                "answer": {"type": "string", "minLength": 1, "maxLength": MAX_ANSWER_CHARS},
                 "difficulty": {"type": "string", "enum": list(DIFFICULTIES)},
             },
             "required": ["type", "question", "evidence", "answer", "difficulty"],
