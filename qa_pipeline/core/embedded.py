@@ -360,6 +360,9 @@ class EmbeddedServer:
             "--dtype", "bfloat16",
             "--disable-uvicorn-access-log",
             "--override-generation-config", json.dumps(self.sampling_defaults),
+            # JSON without free whitespace: under the answer schema the 135M model otherwise pads its
+            # answer with blank lines until max_tokens (measured: 93 % of a truncated answer's characters).
+            "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
         ]  # fmt: skip
         if not self.compiled:
             command.append("--enforce-eager")
