@@ -15,6 +15,7 @@ import duckdb
 import polars as pl
 from pydantic import BaseModel, Field
 
+from qa_pipeline.core.documents import FileStamp
 from qa_pipeline.core.layout import PARTITIONED_TABLES, DataLayout
 from qa_pipeline.core.prompts import QAPair
 
@@ -244,6 +245,37 @@ def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
 
 def write_text_atomic(text: str, path: Path) -> None:
     _write_bytes_atomic(text.encode("utf-8"), path)
+
+
+_STAMPS_SCHEMA: dict[str, pl.DataType] = {
+    "key": pl.String(),
+    "size": pl.Int64(),
+    "mtime_ns": pl.Int64(),
+    "ctime_ns": pl.Int64(),
+    "inode": pl.UInt64(),
+    "content_hash": pl.String(),
+}
+
+
+def read_source_stamps(path: Path) -> dict[str, FileStamp]:
+    """The recorded stamps of the source files (see `DataLayout.discover_sources`); none when the file is
+    missing or unreadable: it is a cache, and every file is then hashed again."""
+    try:
+        frame = pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError):
+        return {}
+    return {
+        key: FileStamp(size, mtime_ns, ctime_ns, inode, content_hash)
+        for key, size, mtime_ns, ctime_ns, inode, content_hash in frame.iter_rows()
+    }
+
+
+def write_source_stamps(stamps: dict[str, FileStamp], path: Path) -> None:
+    rows = [(key, s.size, s.mtime_ns, s.ctime_ns, s.inode, s.content_hash) for key, s in stamps.items()]
+    try:
+        write_parquet_atomic(pl.DataFrame(rows, schema=_STAMPS_SCHEMA, orient="row"), path)
+    except StorageFullError:
+        pass  # a cache: the next discovery hashes the files again
 
 
 class Journal:

@@ -119,11 +119,11 @@ def chunks(context: dg.AssetExecutionContext, config: ChunkingConfig, storage: S
     A file that cannot be read or chunked fails its own partition, naming the file; the other
     documents of the run are chunked and recorded.
     """
-    sources = {s.key: s for s in storage.layout.discover_sources()}
     outcomes: dict[str, dict] = {}
     failed: dict[str, str] = {}
     for document in context.partition_keys:
-        source = sources.get(document)
+        # The partition's own file, looked up by its key: the cost of a document does not grow with the folder.
+        source = storage.layout.source_file(document)
         if source is None:
             failed[document] = f"document {document!r} is not in {storage.layout.sources_dir}; it was moved or deleted"
             continue
