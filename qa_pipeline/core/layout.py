@@ -5,14 +5,27 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from qa_pipeline.core.documents import FileStamp, SourceFile, discover_documents, find_document
 from qa_pipeline.core.settings import StorageSettings
 
 
-# Tables written as one Parquet file per partition (document) and exposed as DuckDB views.
-PARTITIONED_TABLES = ("chunks", "qa_pairs", "failures", "pair_scores")
+class Table(StrEnum):
+    """The tables of a data directory, each a DuckDB view of the same name (schemas: core/storage.py)."""
+
+    CHUNKS = "chunks"
+    QA_PAIRS = "qa_pairs"
+    FAILURES = "failures"
+    PAIR_SCORES = "pair_scores"
+    BENCHMARK_RUNS = "benchmark_runs"  # one partition per benchmark run
+    QUESTION_DUPLICATES = "question_duplicates"  # one partition, written by the report
+    JUDGEMENTS = "judgements"  # one partition per judged_sample run
+
+
+# The tables of each document, one partition per document (partition key = the `document` column).
+PARTITIONED_TABLES = (Table.CHUNKS, Table.QA_PAIRS, Table.FAILURES, Table.PAIR_SCORES)
 
 
 def safe_file_stem(key: str) -> str:
@@ -100,7 +113,7 @@ class DataLayout:
 
     @property
     def benchmark_dir(self) -> Path:
-        return self.table_dir("benchmark_runs")
+        return self.table_dir(Table.BENCHMARK_RUNS)
 
     @property
     def report_dir(self) -> Path:

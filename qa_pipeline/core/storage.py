@@ -1,4 +1,5 @@
-"""Storage: Parquet per partition (written atomically), the chunk journal, and DuckDB views over both."""
+"""Storage, the only door to the data directory's files: tables as Parquet (written atomically), the chunk
+journal, the report and plots, and DuckDB views over the tables."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,8 +17,9 @@ import duckdb
 import polars as pl
 from pydantic import BaseModel, Field
 
+from qa_pipeline.core.chunking import CHUNK_SCHEMA
 from qa_pipeline.core.documents import FileStamp
-from qa_pipeline.core.layout import PARTITIONED_TABLES, DataLayout
+from qa_pipeline.core.layout import PARTITIONED_TABLES, DataLayout, Table
 from qa_pipeline.core.prompts import QAPair
 
 QA_PAIRS_SCHEMA: dict[str, pl.DataType] = {
@@ -144,6 +147,18 @@ JUDGEMENTS_SCHEMA: dict[str, pl.DataType] = {
     "latency_s": pl.Float64(),
     "groundedness": pl.Float64(),
     "heuristic_flagged": pl.Boolean(),
+}
+
+
+# Every table's columns, by table: the views, the writers and the readers use these.
+TABLE_SCHEMAS: dict[Table, dict[str, pl.DataType]] = {
+    Table.CHUNKS: CHUNK_SCHEMA,
+    Table.QA_PAIRS: QA_PAIRS_SCHEMA,
+    Table.FAILURES: FAILURES_SCHEMA,
+    Table.BENCHMARK_RUNS: BENCHMARK_SCHEMA,
+    Table.PAIR_SCORES: PAIR_SCORES_SCHEMA,
+    Table.QUESTION_DUPLICATES: QUESTION_DUPLICATES_SCHEMA,
+    Table.JUDGEMENTS: JUDGEMENTS_SCHEMA,
 }
 
 
@@ -461,11 +476,84 @@ def results_to_frames(results: Iterable[ChunkResult]) -> tuple[pl.DataFrame, pl.
     )
 
 
+@dataclass(frozen=True)
+class PublishedDocument:
+    """One document's tables as `Storage.publish_document` wrote them: its figures and checks read these."""
+
+    document: str
+    chunks: pl.DataFrame
+    pairs: pl.DataFrame
+    failures: pl.DataFrame
+    scores: pl.DataFrame
+    answered: int  # current chunks with a result (pairs or a failure)
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failures.height / self.answered if self.answered else 0.0
+
+
+def best_results(results: Iterable[ChunkResult], chunk_order: Sequence[str]) -> list[ChunkResult]:
+    """Per chunk of `chunk_order` (the document's current chunks, in order) its newest result with QA
+    pairs, else its newest failure; results of chunks no longer in the document are left out."""
+    best: dict[str, ChunkResult] = {}
+    for result in results:
+        current = best.get(result.chunk_id)
+        if current is None or (result.ok, result.finished_at) > (current.ok, current.finished_at):
+            best[result.chunk_id] = result
+    return [best[chunk_id] for chunk_id in chunk_order if chunk_id in best]
+
+
 class Storage:
-    """Reads and writes every table of one data directory."""
+    """Reads and writes every table and file of one data directory."""
 
     def __init__(self, layout: DataLayout):
         self.layout = layout
+
+    def publish_document(self, document: str, results: Iterable[ChunkResult]) -> PublishedDocument:
+        """Writes a document's `qa_pairs`, `failures` and `pair_scores` from the results of its chunks
+        (the generator's or a journal's: `best_results` picks one per current chunk) and returns them.
+
+        The one way a document's answers reach its tables, for `qa_pairs` runs and `import-batch` alike.
+        The scores are computed from the frames in hand, not read back.
+        """
+        from qa_pipeline.core.quality import score_pairs, scores_are_current  # quality reads through Storage
+
+        chunks = self.read_partition(Table.CHUNKS, document)
+        if chunks is None:
+            chunks = pl.DataFrame(schema=CHUNK_SCHEMA)
+        selected = best_results(results, chunks.sort("position")["chunk_id"].to_list())
+        pairs, failures = results_to_frames(selected)
+        # An unchanged document (answers from the cache, as in a run spanning edited neighbours) keeps its
+        # files, and its scores unless the scorer changed. pair_scores last: a scores file older than its
+        # qa_pairs file means "score again" (refresh_pair_scores).
+        written = self.write_partition_if_changed(Table.QA_PAIRS, document, pairs)
+        written = self.write_partition_if_changed(Table.FAILURES, document, failures) or written
+        scores = None if written else self.read_partition(Table.PAIR_SCORES, document)
+        if not scores_are_current(scores, pairs):
+            scores = score_pairs(pairs, chunks)
+            self.write_partition(Table.PAIR_SCORES, document, scores)
+        return PublishedDocument(document, chunks, pairs, failures, scores, answered=len(selected))
+
+    def write_test_sample(self, sample: pl.DataFrame) -> Path:
+        write_parquet_atomic(sample, self.layout.test_sample_file)
+        return self.layout.test_sample_file
+
+    def read_test_sample(self) -> pl.DataFrame:
+        path = self.layout.test_sample_file
+        if not path.exists():
+            raise FileNotFoundError(f"no test sample at {path}: materialize `test_sample` first")
+        return pl.read_parquet(path)
+
+    def write_report(self, markdown: str) -> Path:
+        path = self.layout.report_dir / "quality_report.md"
+        write_text_atomic(markdown, path)
+        return path
+
+    def write_plot(self, name: str, png: bytes) -> Path:
+        """A PNG under the reports folder (`name` may hold a sub-folder, e.g. "runs/qa_pairs-ID.png")."""
+        path = self.layout.report_dir / name
+        _write_bytes_atomic(png, path)
+        return path
 
     def write_partition(self, table: str, document: str, frame: pl.DataFrame) -> Path:
         path = self.layout.partition_file(table, document)
@@ -535,18 +623,7 @@ class Storage:
 
     def view_definitions(self) -> dict[str, str]:
         """`CREATE VIEW name AS <sql>` bodies, also written to views.sql for the DuckDB CLI."""
-        from qa_pipeline.core.chunking import CHUNK_SCHEMA  # chunking owns the chunk schema
-
-        schemas = {
-            "chunks": CHUNK_SCHEMA,
-            "qa_pairs": QA_PAIRS_SCHEMA,
-            "failures": FAILURES_SCHEMA,
-            "benchmark_runs": BENCHMARK_SCHEMA,
-            "pair_scores": PAIR_SCORES_SCHEMA,
-            "question_duplicates": QUESTION_DUPLICATES_SCHEMA,
-            "judgements": JUDGEMENTS_SCHEMA,
-        }
-        return {name: self._view_sql(name, schema) for name, schema in schemas.items()}
+        return {str(table): self._view_sql(table, schema) for table, schema in TABLE_SCHEMAS.items()}
 
     def _view_sql(self, table: str, schema: dict[str, pl.DataType]) -> str:
         # The table's columns, typed, without rows: the view has them from the start, and files written
