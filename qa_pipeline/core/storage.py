@@ -3,6 +3,7 @@ journal, the report and plots, and DuckDB views over the tables."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -19,7 +20,8 @@ from pydantic import BaseModel, Field
 
 from qa_pipeline.core.chunking import CHUNK_SCHEMA
 from qa_pipeline.core.documents import FileStamp
-from qa_pipeline.core.layout import PARTITIONED_TABLES, DataLayout, Table
+from qa_pipeline.core.layout import PARTITIONED_TABLES, DataLayout, Table, safe_file_stem
+from qa_pipeline.core.table_files import Compaction, TableFiles
 from qa_pipeline.core.prompts import QAPair
 
 QA_PAIRS_SCHEMA: dict[str, pl.DataType] = {
@@ -402,6 +404,11 @@ class Journal:
         self.lines = len(results)
 
 
+def _move(path: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(path, target)
+
+
 def _close_quietly(handle) -> None:
     """Closes a handle whose buffered data cannot be written; that data is given up."""
     try:
@@ -503,11 +510,16 @@ def best_results(results: Iterable[ChunkResult], chunk_order: Sequence[str]) -> 
     return [best[chunk_id] for chunk_id in chunk_order if chunk_id in best]
 
 
+# Per-document files written or deleted since the last compaction, above which the report compacts a table.
+COMPACT_AFTER_DOCUMENTS = 200
+
+
 class Storage:
     """Reads and writes every table and file of one data directory."""
 
     def __init__(self, layout: DataLayout):
         self.layout = layout
+        self._table_files: dict[str, TableFiles] = {}
 
     def publish_document(self, document: str, results: Iterable[ChunkResult]) -> PublishedDocument:
         """Writes a document's `qa_pairs`, `failures` and `pair_scores` from the results of its chunks
@@ -555,9 +567,19 @@ class Storage:
         _write_bytes_atomic(png, path)
         return path
 
+    def _files(self, table: str) -> TableFiles | None:
+        """The file set of a document table (None for the others, one plain file per partition)."""
+        if table not in PARTITIONED_TABLES:
+            return None
+        if table not in self._table_files:
+            self._table_files[table] = TableFiles(self.layout.table_dir(table), table)
+        return self._table_files[table]
+
     def write_partition(self, table: str, document: str, frame: pl.DataFrame) -> Path:
         path = self.layout.partition_file(table, document)
-        write_parquet_atomic(frame, path)
+        files = self._files(table)
+        with files.writing() if files else contextlib.nullcontext():
+            write_parquet_atomic(frame, path)
         return path
 
     def write_partition_if_changed(self, table: str, document: str, frame: pl.DataFrame) -> bool:
@@ -573,26 +595,58 @@ class Storage:
         return True
 
     def read_partition(self, table: str, document: str) -> pl.DataFrame | None:
+        """A partition's rows: its own file, else (document tables) its rows in a compacted segment;
+        None when it has neither or was deleted."""
         path = self.layout.partition_file(table, document)
-        return pl.read_parquet(path) if path.exists() else None
+        if path.exists():
+            return pl.read_parquet(path)
+        files = self._files(table)
+        stem = safe_file_stem(document)
+        if files is None or files.is_deleted(stem):
+            return None
+        return files.compacted_rows(stem)
 
     def delete_partition(self, document: str, trash: Path | None = None) -> Path | None:
         """Moves every output and the journal of a document into a trash folder (`trash`, else a new one).
 
         Its rows leave the views at once, but the journal holds paid responses: moving the folder's
-        contents back into the data directory restores them. Returns the trash folder, or None when
-        the document had no file.
+        contents back into the data directory restores them (rows that were in a compacted segment
+        are written there as the document's own file). Returns the trash folder, or None when the
+        document had no file.
         """
-        files = [self.layout.partition_file(table, document) for table in PARTITIONED_TABLES]
-        files = [path for path in (*files, self.layout.journal_file(document)) if path.exists()]
-        if not files:
-            return None
-        trash = trash or self.new_trash_folder()
-        for path in files:
-            target = trash / path.relative_to(self.layout.root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(path, target)
-        return trash
+        trash_of = lambda: trash or self.new_trash_folder()  # noqa: E731
+        stem, moved = safe_file_stem(document), False
+        for table in PARTITIONED_TABLES:
+            files = self._files(table)
+            path = self.layout.partition_file(table, document)
+            if not files.directory.is_dir():
+                continue
+            with files.writing():
+                compacted = None if files.is_deleted(stem) else files.compacted_rows(stem)
+                if path.exists():
+                    trash = trash_of()
+                    _move(path, trash / path.relative_to(self.layout.root))
+                    moved = True
+                elif compacted is not None:
+                    trash = trash_of()
+                    write_parquet_atomic(compacted, trash / path.relative_to(self.layout.root))
+                    moved = True
+                # Checked after the move: a compaction that read the file before it moved created the
+                # folder first, so the marker keeps the document out of the segment it is writing.
+                if files.compacted_dir.exists():
+                    _write_bytes_atomic(document.encode("utf-8"), files.deleted_marker(stem))
+        journal = self.layout.journal_file(document)
+        if journal.exists():
+            trash = trash_of()
+            _move(journal, trash / journal.relative_to(self.layout.root))
+            moved = True
+        return trash if moved else None
+
+    def compact(self, min_documents: int = 1) -> list[Compaction]:
+        """Folds the per-document files of every document table into compacted segments, for each
+        table with at least `min_documents` written or deleted since its last compaction."""
+        done = [self._files(table).compact(min_documents) for table in PARTITIONED_TABLES]
+        return [compaction for compaction in done if compaction is not None]
 
     def new_trash_folder(self) -> Path:
         """An empty folder `trash/<UTC time>` for one deletion, never shared with an earlier one."""
@@ -632,12 +686,13 @@ class Storage:
         columns = ", ".join(
             f"CAST(NULL AS {_duckdb_type(dtype)}) AS {name}" for name, dtype in empty.schema.items()
         )
-        if self.partition_files(table):
+        files = self._files(table)
+        data = files.view_sql() if files is not None else None
+        if files is None and self.partition_files(table):
             pattern = str(self.layout.table_dir(table) / "*.parquet").replace("'", "''")
-            return (
-                f"SELECT * FROM read_parquet('{pattern}', union_by_name = true) "
-                f"UNION ALL BY NAME SELECT {columns} WHERE false"
-            )
+            data = f"SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
+        if data is not None:
+            return f"{data} UNION ALL BY NAME SELECT {columns} WHERE false"
         return f"SELECT {columns} WHERE false"
 
     def query(self, sql: str) -> pl.DataFrame:

@@ -25,7 +25,7 @@ from qa_pipeline.core.layout import Table
 from qa_pipeline.core.quality import refresh_pair_scores
 from qa_pipeline.core.report import build_report
 from qa_pipeline.core.sampling import stratified_sample
-from qa_pipeline.core.storage import ChunkResult
+from qa_pipeline.core.storage import COMPACT_AFTER_DOCUMENTS, ChunkResult
 from qa_pipeline.defs.checks import (
     CHECK_SPECS,
     QualityChecksConfig,
@@ -422,6 +422,11 @@ def _publish_document(
 def quality_report(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     """Counts, success rate, groundedness, refusals, duplicates, question types, languages, failures by
     reason, latency and throughput, overall and per document; writes the `question_duplicates` table."""
+    for compaction in storage.storage.compact(min_documents=COMPACT_AFTER_DOCUMENTS):
+        context.log.info(
+            f"compacted {compaction.documents} documents of `{compaction.table}` (and {compaction.segments_merged} "
+            f"segments) in {compaction.seconds:.1f} s"
+        )
     context.log.info("building the quality report over every document's outputs")
     rescored = refresh_pair_scores(storage.storage)
     if rescored:
