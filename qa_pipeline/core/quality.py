@@ -560,6 +560,27 @@ def summarize_partition(storage: Storage, document: str, thresholds: QualityThre
     return summarize(document, chunks, pairs, failures, scores, thresholds)
 
 
+def summarize_documents(
+    storage: Storage, documents: Sequence[str], thresholds: QualityThresholds
+) -> dict[str, PartitionQuality]:
+    """`summarize_partition` of many documents, each table read once through its view (not a file per
+    document), so checking every document of a large dataset costs a few reads."""
+    wanted = list(documents)
+    tables = (Table.CHUNKS, Table.QA_PAIRS, Table.FAILURES, Table.PAIR_SCORES)
+    by_table = {table: _by_document(storage.read_table(table)) for table in tables}
+    quality = {}
+    for document in wanted:
+        chunks, pairs, failures, scores = (by_table[table].get(document) for table in tables)
+        if pairs is not None and (scores is None or scores.height != pairs.height):
+            scores = score_partition(storage, document)
+        quality[document] = summarize(document, chunks, pairs, failures, scores, thresholds)
+    return quality
+
+
+def _by_document(frame: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    return {key[0]: part for key, part in frame.partition_by("document", as_dict=True, maintain_order=True).items()}
+
+
 def summarize(
     document: str,
     chunks: pl.DataFrame | None,
