@@ -3,13 +3,19 @@ with one file per document, while the table is a few large files."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import polars as pl
 
 from qa_pipeline.core.layout import PARTITIONED_TABLES, DataLayout, Table
 from qa_pipeline.core.storage import Storage
 from qa_pipeline_tests.written_outputs import write_document
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _dataset(tmp_path, documents: int = 30) -> Storage:
@@ -95,3 +101,24 @@ def test_a_table_never_compacted_keeps_one_plain_file_per_document(tmp_path):
     assert pl.Series(storage.query("SELECT DISTINCT document FROM chunks ORDER BY 1")["document"]).to_list() == [
         "guide/page-000.md", "guide/page-002.md"
     ]
+
+
+def test_qa_pipeline_compact_folds_the_files_and_sql_answers_the_same(tmp_path):
+    storage = _dataset(tmp_path, documents=5)
+    query = "SELECT document, count(*) AS pairs FROM qa_pairs GROUP BY document ORDER BY document"
+
+    def cli(*args: str) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QA_PIPELINE_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "qa_pipeline.cli", *args, "--data-dir", str(storage.layout.root)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    before = cli("sql", query, "--format", "csv")
+    printed = cli("compact")
+
+    assert "qa_pairs: 5 documents folded into a segment" in printed
+    assert cli("sql", query, "--format", "csv") == before
+    assert "nothing written or deleted" in cli("compact")
