@@ -598,8 +598,10 @@ class Storage:
         """A partition's rows: its own file, else (document tables) its rows in a compacted segment;
         None when it has neither or was deleted."""
         path = self.layout.partition_file(table, document)
-        if path.exists():
+        try:
             return pl.read_parquet(path)
+        except FileNotFoundError:
+            pass  # not written, or folded into a segment by a compaction since
         files = self._files(table)
         stem = safe_file_stem(document)
         if files is None or files.is_deleted(stem):
@@ -665,8 +667,7 @@ class Storage:
         return sorted(directory.glob("*.parquet")) if directory.exists() else []
 
     def read_table(self, table: str) -> pl.DataFrame:
-        with self.connect() as connection:
-            return connection.sql(f"SELECT * FROM {table}").pl()
+        return self.query(f"SELECT * FROM {table}")
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB with the views; it reads Parquet only, so it never locks the pipeline out."""
@@ -696,8 +697,13 @@ class Storage:
         return f"SELECT {columns} WHERE false"
 
     def query(self, sql: str) -> pl.DataFrame:
-        with self.connect() as connection:
-            return connection.sql(sql).pl()
+        try:
+            with self.connect() as connection:
+                return connection.sql(sql).pl()
+        except duckdb.IOException:
+            # A file listed by the views was folded into a segment (or deleted) meanwhile: list again.
+            with self.connect() as connection:
+                return connection.sql(sql).pl()
 
 
 def _duckdb_type(dtype: pl.DataType) -> str:
