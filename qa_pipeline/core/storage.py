@@ -252,11 +252,11 @@ def _write_bytes_atomic(data: bytes, path: Path) -> None:
         raise
 
 
-def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
+def write_parquet_atomic(frame: pl.DataFrame, path: Path, row_group_size: int | None = None) -> None:
     """Readers see the old file or the new one, never half of one; a failed write raises StorageFullError."""
     # Encoded in memory first: polars reports a failed file write as a ComputeError, not an OSError.
     buffer = io.BytesIO()
-    frame.write_parquet(buffer)
+    frame.write_parquet(buffer, row_group_size=row_group_size)
     _write_bytes_atomic(buffer.getvalue(), path)
 
 

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import polars as pl
 
 _PART_SUFFIX = ".parquet"
@@ -167,10 +166,8 @@ class TableFiles:
             in_merged = manifest.filter(pl.col("segment").is_in(merged))
             carried = in_merged.filter(~pl.col("stem").is_in(list(superseded)))
             dropped = in_merged.filter(pl.col("stem").is_in(list(superseded)))["document"].to_list()
-            part_documents = self._part_documents(taken)
             name = f"{uuid.uuid4().hex}.parquet"
-            if taken or carried.height:
-                self._write_segment(name, [self.part_file(stem) for stem in taken], merged, dropped)
+            part_documents = self._write_segment(name, [self.part_file(stem) for stem in taken], merged, dropped)
             new_rows = pl.DataFrame(
                 {
                     "stem": [*carried["stem"].to_list(), *part_documents],
@@ -193,41 +190,27 @@ class TableFiles:
             self._drop_retired_segments({*kept["segment"].to_list(), name})
         return Compaction(self.table, len(taken) + len(deleted), len(merged), time.monotonic() - started)
 
-    def _part_documents(self, taken: dict[str, tuple[int, int, int]]) -> dict[str, str]:
-        """stem → document of the per-document files that have rows. A file without rows needs no entry:
-        its stem supersedes the document's earlier rows, and after compaction the document has none."""
-        if not taken:
-            return {}
-        files = ", ".join(sql_string(str(self.part_file(stem))) for stem in taken)
-        with duckdb.connect(":memory:") as connection:
-            rows = connection.execute(
-                f"SELECT DISTINCT filename, document FROM read_parquet([{files}], filename = true, union_by_name = true)"
-            ).fetchall()
-        return {Path(filename).name[: -len(_PART_SUFFIX)]: document for filename, document in rows}
+    def _write_segment(self, name: str, parts: list[Path], merged: list[str], superseded: list[str]) -> dict[str, str]:
+        """Writes the per-document files and the rest of the merged segments as one file sorted by document
+        (a document's rows in their file's order); stem → document of the files that had rows. A file
+        without rows needs no entry: its stem supersedes the document's earlier rows, which is all it says."""
+        frames, documents = [], {}
+        for path in parts:
+            frame = pl.read_parquet(path)
+            if frame.height:
+                documents[path.name[: -len(_PART_SUFFIX)]] = frame["document"][0]
+                frames.append(frame)
+        for segment in merged:
+            frames.append(
+                pl.scan_parquet(self.compacted_dir / segment).filter(~pl.col("document").is_in(superseded)).collect()
+            )
+        frames = [frame for frame in frames if frame.height]
+        if frames:
+            from qa_pipeline.core.storage import write_parquet_atomic  # storage uses this module
 
-    def _write_segment(self, name: str, parts: list[Path], merged: list[str], superseded: list[str]) -> None:
-        """Writes the per-document files and the rest of the merged segments, sorted by document, as one file."""
-        sources = []
-        if parts:
-            files = ", ".join(sql_string(str(path)) for path in parts)
-            sources.append(f"SELECT * FROM read_parquet([{files}], union_by_name = true, file_row_number = true)")
-        if merged:
-            files = ", ".join(sql_string(str(self.compacted_dir / segment)) for segment in merged)
-            where = f" WHERE document NOT IN ({', '.join(sql_string(key) for key in superseded)})" if superseded else ""
-            sources.append(f"SELECT * FROM read_parquet([{files}], union_by_name = true, file_row_number = true){where}")
-        target = self.compacted_dir / f".{name}.tmp"
-        try:
-            with duckdb.connect(":memory:") as connection:
-                body = " UNION ALL BY NAME ".join(sources)
-                # A document's rows come from one file: kept in that file's order.
-                connection.execute(
-                    f"COPY (SELECT * EXCLUDE (file_row_number) FROM ({body}) ORDER BY document, file_row_number) "
-                    f"TO {sql_string(str(target))} "
-                    f"(FORMAT parquet, ROW_GROUP_SIZE {_ROW_GROUP_ROWS})"
-                )
-            os.replace(target, self.compacted_dir / name)
-        finally:
-            target.unlink(missing_ok=True)
+            rows = pl.concat(frames, how="diagonal_relaxed").sort("document", maintain_order=True)
+            write_parquet_atomic(rows, self.compacted_dir / name, row_group_size=_ROW_GROUP_ROWS)
+        return documents
 
     def _drop_retired_segments(self, live: set[str]) -> None:
         now = time.time()
