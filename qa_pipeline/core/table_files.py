@@ -99,7 +99,7 @@ class TableFiles:
     # --- the compacted segments -------------------------------------------------------------------
 
     def manifest(self) -> pl.DataFrame:
-        """stem, document, segment of every compacted document (also those with no rows)."""
+        """stem, document, segment of every compacted document that has rows."""
         path = self.compacted_dir / _MANIFEST
         try:
             info = path.stat()
@@ -196,7 +196,10 @@ class TableFiles:
         without rows needs no entry: its stem supersedes the document's earlier rows, which is all it says."""
         frames, documents = [], {}
         for path in parts:
-            frame = pl.read_parquet(path)
+            try:
+                frame = pl.read_parquet(path)
+            except FileNotFoundError:
+                continue  # deleted meanwhile: its deletion marker keeps it out of the views
             if frame.height:
                 documents[path.name[: -len(_PART_SUFFIX)]] = frame["document"][0]
                 frames.append(frame)
