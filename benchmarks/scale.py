@@ -197,10 +197,13 @@ def s2_workloads(layout: DataLayout, documents: list[str]) -> dict[str, Callable
     }
 
 
-def s2(work: Path, documents: int, runs: int = 3) -> list[dict]:
+def s2(work: Path, documents: int, runs: int = 3, keep: bool = False) -> list[dict]:
+    """With `keep`, the three data folders stay in `work` and a later run over the same `work` reuses them."""
     tables = synthetic_tables(documents)
     keys = tables[Table.CHUNKS]["document"].unique().sort().to_list()
     layouts = {name: DataLayout(root=work / f"s2-{documents}-{name}") for name in ("single", "per_document", "compacted")}
+    if all(layout.root.exists() for layout in layouts.values()):
+        return s2_queries(layouts, keys, runs, [])
     started = time.perf_counter()
     write_per_document(layouts["per_document"], tables)
     written = time.perf_counter() - started
@@ -214,18 +217,22 @@ def s2(work: Path, documents: int, runs: int = 3) -> list[dict]:
         line(f"S2@{documents}", "compaction_s", compacted, None,
              f"{documents} documents x {len(PARTITIONED_TABLES)} tables, {rows} rows; writing the per-document files took {written:.1f} s"),
     ]
-    figures = {}
-    for layout_name, layout in layouts.items():
-        for name, workload in s2_workloads(layout, keys).items():
-            figures[(layout_name, name)] = best_of(runs, workload)
-    for name in ("sql", "report", "checks"):
-        reference = figures[("single", name)]
-        for layout_name, goal in (("per_document", None), ("compacted", 3.0)):
-            value = figures[(layout_name, name)]
-            lines.append(line(f"S2@{documents}/{name}/{layout_name}", "ratio_to_single_file", value / reference, goal,
-                              f"{value:.3f} s vs {reference:.3f} s over one file per table; best of {runs}"))
-    for layout in layouts.values():
-        shutil.rmtree(layout.root)
+    lines = s2_queries(layouts, keys, runs, lines)
+    if not keep:
+        for layout in layouts.values():
+            shutil.rmtree(layout.root)
+    return lines
+
+
+def s2_queries(layouts: dict[str, DataLayout], keys: list[str], runs: int, lines: list[dict]) -> list[dict]:
+    """The reference first, then each layout's ratios as soon as they are measured."""
+    documents = len(keys)
+    reference = {name: best_of(runs, workload) for name, workload in s2_workloads(layouts["single"], keys).items()}
+    for layout_name, goal in (("compacted", 3.0), ("per_document", None)):
+        for name, workload in s2_workloads(layouts[layout_name], keys).items():
+            value = best_of(runs, workload)
+            lines.append(line(f"S2@{documents}/{name}/{layout_name}", "ratio_to_single_file", value / reference[name], goal,
+                              f"{value:.3f} s vs {reference[name]:.3f} s over one file per table; best of {runs}"))
     return lines
 
 
@@ -284,6 +291,8 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=10000)
     parser.add_argument("--s1-large", type=int, default=None, help="S1's larger size (default: --large)")
     parser.add_argument("--quick", action="store_true", help="200 and 2,000 documents")
+    parser.add_argument("--runs", type=int, default=3, help="S2: best of this many runs")
+    parser.add_argument("--work", type=Path, default=None, help="S2: keep the data folders here (reused when present)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale")
     args = parser.parse_args()
     small, large = (200, 2000) if args.quick else (args.small, args.large)
@@ -295,7 +304,7 @@ def main() -> None:
         if "S3" in only:
             lines += s3(work, small, large)
         if "S2" in only:
-            lines += s2(work, large)
+            lines += s2(args.work or work, large, args.runs, keep=args.work is not None)
         if "S1" in only:
             lines += s1(work, small, args.s1_large or large)
     args.out.mkdir(parents=True, exist_ok=True)
