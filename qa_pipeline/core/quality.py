@@ -453,8 +453,10 @@ def score_partition(storage: Storage, document: str) -> pl.DataFrame:
 def scores_are_current(scores: pl.DataFrame | None, pairs: pl.DataFrame) -> bool:
     """Whether a document's `pair_scores` exist for these pairs and were made by this scorer (then
     unchanged pairs need no rescoring)."""
-    if scores is None or scores.height != pairs.height:
-        return False
+    return scores is not None and scores.height == pairs.height and _made_by_this_scorer(scores)
+
+
+def _made_by_this_scorer(scores: pl.DataFrame) -> bool:
     return scores["scorer_version"].unique().to_list() in ([SCORER_VERSION], [])
 
 
@@ -470,7 +472,7 @@ def refresh_pair_scores(storage: Storage) -> list[str]:
         if pairs_file.exists() and (
             not scores_file.exists()
             or scores_file.stat().st_mtime_ns < pairs_file.stat().st_mtime_ns
-            or not scores_are_current(storage, document)
+            or not _made_by_this_scorer(pl.read_parquet(scores_file, columns=["scorer_version"]))
         ):
             score_partition(storage, document)
             scored.append(document)
