@@ -27,7 +27,7 @@ from dagster._daemon.controller import DEFAULT_DAEMON_INTERVAL_SECONDS
 from benchmarks.workloads import REPO, make_tasks
 from qa_pipeline.core.chunking import Chunk, chunks_to_frame, content_hash, count_tokens
 from qa_pipeline.core.client import parse_prometheus
-from qa_pipeline.core.layout import DataLayout
+from qa_pipeline.core.layout import DataLayout, Table
 from qa_pipeline.core.storage import Storage
 
 
@@ -70,7 +70,7 @@ def _write_inputs(layout: DataLayout, documents: int, chunks_per_document: int) 
             )
             for position, task in enumerate(make_tasks(chunks_per_document, key, offset=number * chunks_per_document))
         ]
-        storage.write_partition("chunks", key, chunks_to_frame(chunk_list))
+        storage.write_partition(Table.CHUNKS, key, chunks_to_frame(chunk_list))
         keys.append(key)
     return keys
 

@@ -194,6 +194,16 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_compact(args: argparse.Namespace) -> int:
+    storage = Storage(DataLayout.from_env(args.data_dir))
+    compactions = storage.compact()
+    for c in compactions:
+        print(f"{c.table}: {c.documents} documents folded into a segment ({c.segments_merged} merged) in {c.seconds:.1f} s")
+    if not compactions:
+        print("qa-pipeline compact: nothing written or deleted since the last compaction")
+    return 0
+
+
 def command_export(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -416,6 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="print the quality report of the current outputs")
     report.add_argument("--data-dir")
     report.set_defaults(func=command_report)
+
+    compact = sub.add_parser(
+        "compact",
+        help="fold the per-document output files into a few large ones (the report does it past "
+        "200 documents); safe while the pipeline runs",
+    )
+    compact.add_argument("--data-dir", default=None)
+    compact.set_defaults(func=command_compact)
 
     export = sub.add_parser(
         "export", help="write the dataset as JSONL, Parquet and chat fine-tuning files, split by document"

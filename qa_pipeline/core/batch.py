@@ -12,8 +12,7 @@ from pathlib import Path
 from qa_pipeline.core.client import ChatOutcome, chat_request_body, outcome_from_payload
 from qa_pipeline.core.generation import ChunkTask, GenerationSettings, request_hasher, result_from_outcome
 from qa_pipeline.core.prompts import FailureReason
-from qa_pipeline.core.quality import score_partition
-from qa_pipeline.core.storage import ChunkResult, Journal, Storage, results_to_frames, write_text_atomic
+from qa_pipeline.core.storage import ChunkResult, Journal, Storage, write_text_atomic
 
 BATCH_URL = "/v1/chat/completions"
 
@@ -158,26 +157,11 @@ def import_batch_output(storage: Storage, path: Path) -> BatchImport:
             else:
                 summary.failed += 1
     for document, imported in sorted(results.items()):
-        with Journal(storage.layout.journal_file(document)) as journal:
+        journal = Journal(storage.layout.journal_file(document))
+        with journal:
             for result in imported:
                 journal.append(result)
-        _publish_document(storage, document)
+        # The same rules as a `qa_pairs` run: per current chunk its newest result with pairs, else its newest failure.
+        storage.publish_document(document, journal.load().values())
         summary.documents.append(document)
     return summary
-
-
-def _publish_document(storage: Storage, document: str) -> None:
-    """Rewrites a document's tables from its journal: per current chunk the newest result with QA pairs,
-    else the newest failure."""
-    chunk_ids = storage.read_partition("chunks", document)
-    order = chunk_ids.sort("position")["chunk_id"].to_list() if chunk_ids is not None else []
-    best: dict[str, ChunkResult] = {}
-    for result in Journal(storage.layout.journal_file(document)).load().values():
-        current = best.get(result.chunk_id)
-        if current is None or (result.ok, result.finished_at) > (current.ok, current.finished_at):
-            best[result.chunk_id] = result
-    pairs, failures = results_to_frames(best[chunk_id] for chunk_id in order if chunk_id in best)
-    storage.write_partition("qa_pairs", document, pairs)
-    storage.write_partition("failures", document, failures)
-    score_partition(storage, document)
-

@@ -4,12 +4,12 @@ load per level, and the level to use."""
 from __future__ import annotations
 
 import asyncio
+import io
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import polars as pl
 
@@ -273,8 +273,8 @@ def results_frame(
     return pl.DataFrame(rows, schema=BENCHMARK_SCHEMA)
 
 
-def plot_sweep(frame: pl.DataFrame, path: Path) -> Path:
-    """Throughput (sustained and whole-level) and p50/p95 latency against concurrency, as a PNG."""
+def plot_sweep(frame: pl.DataFrame) -> bytes:
+    """Throughput (sustained and whole-level) and p50/p95 latency against concurrency, as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,10 +301,10 @@ def plot_sweep(frame: pl.DataFrame, path: Path) -> Path:
     fig.legend(loc="upper left", fontsize=8)
     throughput_axis.set_title("Concurrency sweep")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    return path
+    return buffer.getvalue()
 
 
 def latest_recommendation(storage: Storage) -> int | None:

@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import time
+import urllib.parse
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -175,7 +177,31 @@ def partition_key(relative_path: str) -> str:
     return _KEY_ESCAPE.sub(_escape_key_part, relative_path)
 
 
-def discover_documents(sources_dir: Path, follow_external_symlinks: bool = False) -> list[SourceFile]:
+@dataclass(frozen=True)
+class FileStamp:
+    """What a file's content hash was computed from: a file whose stamp is unchanged is not read again.
+
+    The inode change time cannot be set by a program (unlike the modification time), so an edit
+    that keeps the size and restores the modification time still changes the stamp.
+    """
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    content_hash: str
+
+
+# A file changed this recently may change again within the file system clock's granularity (a few
+# milliseconds on Linux) without its stamp changing, so its hash is not remembered (git's "racy" entries).
+_RACY_NS = 500_000_000
+
+
+def discover_documents(
+    sources_dir: Path,
+    follow_external_symlinks: bool = False,
+    known: MutableMapping[str, FileStamp] | None = None,
+) -> list[SourceFile]:
     """Every non-hidden file under `sources_dir`, sorted by key.
 
     Files with unsupported suffixes are listed too (`supported` is False) so that
@@ -194,19 +220,67 @@ def discover_documents(sources_dir: Path, follow_external_symlinks: bool = False
             "Create it and put your documents in it, or point QA_PIPELINE_SOURCES_DIR at your documents.",
         )
     root = sources_dir.resolve()
-    found = [
-        SourceFile(
-            key=partition_key(relative),
-            path=path,
-            size=path.stat().st_size,
-            content_hash=_file_sha256(path),
-            suffix=path.suffix.lower(),
-            confined_to=None if follow_external_symlinks else root,
-        )
-        for relative, path in _walk(sources_dir, "", root, follow_external_symlinks, {root})
-    ]
+    confined_to = None if follow_external_symlinks else root
+    found = []
+    seen = set()
+    for relative, path in _walk(sources_dir, "", root, follow_external_symlinks, {root}):
+        key = partition_key(relative)
+        seen.add(key)
+        found.append(_source_file(key, path, confined_to, known))
+    if known is not None:
+        for key in set(known) - seen:
+            del known[key]
     found.sort(key=lambda source: source.key)
     return found
+
+
+def _source_file(
+    key: str, path: Path, confined_to: Path | None, known: MutableMapping[str, FileStamp] | None
+) -> SourceFile:
+    """The file's description, its content hashed only when `known` has no stamp equal to its own."""
+    info = path.stat()
+    stamp = known.get(key) if known is not None else None
+    if stamp is None or (stamp.size, stamp.mtime_ns, stamp.ctime_ns, stamp.inode) != (
+        info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino
+    ):
+        content_hash = _file_sha256(path)
+        if known is not None:
+            known.pop(key, None)
+            if time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) > _RACY_NS:
+                known[key] = FileStamp(info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, content_hash)
+    else:
+        content_hash = stamp.content_hash
+    return SourceFile(
+        key=key, path=path, size=info.st_size, content_hash=content_hash, suffix=path.suffix.lower(),
+        confined_to=confined_to,
+    )
+
+
+def find_document(sources_dir: Path, key: str, follow_external_symlinks: bool = False) -> SourceFile | None:
+    """The file of one partition key, as `discover_documents` would list it, or None: a lookup that
+    reads that file alone, whatever the size of the folder."""
+    relative = urllib.parse.unquote(key, errors="surrogateescape")
+    parts = relative.split("/")
+    if partition_key(relative) != key or any(part in ("", ".", "..") or part.startswith(".") for part in parts):
+        return None
+    sources_dir = Path(sources_dir)
+    root = sources_dir.resolve()
+    path = sources_dir
+    for index, part in enumerate(parts):
+        path = path / part
+        last = index == len(parts) - 1
+        if path.is_symlink():
+            external = not Path(os.path.realpath(path)).is_relative_to(root)
+            if external and not follow_external_symlinks:
+                _warn_external_link(path, Path(os.path.realpath(path)), root)
+                return None
+            if not last and not external:  # discovery does not walk links to folders inside
+                return None
+        if not last and not path.is_dir():
+            return None
+    if not path.is_file():
+        return None
+    return _source_file(key, path, None if follow_external_symlinks else root, None)
 
 
 def _walk(

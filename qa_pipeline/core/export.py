@@ -21,7 +21,7 @@ from qa_pipeline.core.quality import (
     find_duplicate_questions,
     partition_verdicts,
     refresh_pair_scores,
-    summarize_partition,
+    summarize_documents,
 )
 from qa_pipeline.core.storage import Storage, write_parquet_atomic, write_text_atomic
 
@@ -129,8 +129,8 @@ def assign_splits(documents: list[str], fractions: dict[str, float], seed: int =
 
 def _failing_documents(storage: Storage, documents: list[str], thresholds: QualityThresholds) -> list[str]:
     failing = []
-    for document in documents:
-        verdicts = partition_verdicts(summarize_partition(storage, document, thresholds), thresholds)
+    for document, quality in summarize_documents(storage, documents, thresholds).items():
+        verdicts = partition_verdicts(quality, thresholds)
         if any(not v.passed for v in verdicts if v.check in ("success_rate", "groundedness")):
             failing.append(document)
     return failing

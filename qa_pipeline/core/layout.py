@@ -5,14 +5,27 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
-from qa_pipeline.core.documents import SourceFile, discover_documents
+from qa_pipeline.core.documents import FileStamp, SourceFile, discover_documents, find_document
 from qa_pipeline.core.settings import StorageSettings
 
 
-# Tables written as one Parquet file per partition (document) and exposed as DuckDB views.
-PARTITIONED_TABLES = ("chunks", "qa_pairs", "failures", "pair_scores")
+class Table(StrEnum):
+    """The tables of a data directory, each a DuckDB view of the same name (schemas: core/storage.py)."""
+
+    CHUNKS = "chunks"
+    QA_PAIRS = "qa_pairs"
+    FAILURES = "failures"
+    PAIR_SCORES = "pair_scores"
+    BENCHMARK_RUNS = "benchmark_runs"  # one partition per benchmark run
+    QUESTION_DUPLICATES = "question_duplicates"  # one partition, written by the report
+    JUDGEMENTS = "judgements"  # one partition per judged_sample run
+
+
+# The tables of each document, one partition per document (partition key = the `document` column).
+PARTITIONED_TABLES = (Table.CHUNKS, Table.QA_PAIRS, Table.FAILURES, Table.PAIR_SCORES)
 
 
 def safe_file_stem(key: str) -> str:
@@ -48,8 +61,28 @@ class DataLayout:
         return self.sources_override or self.root / "sources"
 
     def discover_sources(self) -> list[SourceFile]:
-        """The documents under the sources folder (links leading outside it only if the setting allows)."""
-        return discover_documents(self.sources_dir, follow_external_symlinks=self.follow_external_symlinks)
+        """The documents under the sources folder (links leading outside it only if the setting allows).
+
+        Files whose size, times and inode are those recorded when they were last hashed are not read
+        again (see `source_stamps_file`): a folder of unchanged documents costs a `stat` per file.
+        """
+        from qa_pipeline.core.storage import read_source_stamps, write_source_stamps  # storage imports layout
+
+        known = read_source_stamps(self.source_stamps_file)
+        before = dict(known)
+        found = discover_documents(self.sources_dir, follow_external_symlinks=self.follow_external_symlinks, known=known)
+        if known != before and self.root.is_dir():
+            write_source_stamps(known, self.source_stamps_file)
+        return found
+
+    def source_file(self, key: str) -> SourceFile | None:
+        """The file of one document (partition key), read on its own, or None when it is not in the folder."""
+        return find_document(self.sources_dir, key, follow_external_symlinks=self.follow_external_symlinks)
+
+    @property
+    def source_stamps_file(self) -> Path:
+        """The content hash of each source file with the stamp (size, times, inode) it was computed at."""
+        return self.root / "source-stamps.parquet"
 
     @property
     def outputs_dir(self) -> Path:
@@ -80,7 +113,7 @@ class DataLayout:
 
     @property
     def benchmark_dir(self) -> Path:
-        return self.table_dir("benchmark_runs")
+        return self.table_dir(Table.BENCHMARK_RUNS)
 
     @property
     def report_dir(self) -> Path:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from qa_pipeline.core.evidence import FUZZY_MIN_SCORE, ChunkText, locate_evidence
 from qa_pipeline.core.prompts import DEFAULT_QUESTION_TYPES
+from qa_pipeline.core.layout import Table
 from qa_pipeline.core.storage import PAIR_SCORES_SCHEMA, QUESTION_DUPLICATES_SCHEMA, Storage
 
 SCORER_VERSION = "scores-v2"  # v2: evidence located in the chunk
@@ -434,26 +435,29 @@ def score_pairs(
 
 
 def score_partition(storage: Storage, document: str) -> pl.DataFrame:
-    """Scores one document's `qa_pairs` against its chunks and writes them as its `pair_scores` partition."""
-    pairs = storage.read_partition("qa_pairs", document)
-    chunks = storage.read_partition("chunks", document)
+    """Scores one document's written `qa_pairs` against its chunks and writes its `pair_scores` partition:
+    for outputs written without scores (older versions, by hand); new answers are scored as they are
+    published (`Storage.publish_document`)."""
+    pairs = storage.read_partition(Table.QA_PAIRS, document)
+    chunks = storage.read_partition(Table.CHUNKS, document)
     if pairs is None or chunks is None:
         raise FileNotFoundError(
             f"cannot score {document!r}: its {'qa_pairs' if pairs is None else 'chunks'} partition is missing; "
             "materialize qa_pairs for this document first"
         )
     scores = score_pairs(pairs, chunks)
-    storage.write_partition("pair_scores", document, scores)
+    storage.write_partition(Table.PAIR_SCORES, document, scores)
     return scores
 
 
-def scores_are_current(storage: Storage, document: str) -> bool:
-    """Whether a document's `pair_scores` exist and were made by this scorer (then unchanged pairs need no rescoring)."""
-    path = storage.layout.partition_file("pair_scores", document)
-    if not path.exists():
-        return False
-    versions = pl.read_parquet(path, columns=["scorer_version"])["scorer_version"].unique().to_list()
-    return versions in ([SCORER_VERSION], [])
+def scores_are_current(scores: pl.DataFrame | None, pairs: pl.DataFrame) -> bool:
+    """Whether a document's `pair_scores` exist for these pairs and were made by this scorer (then
+    unchanged pairs need no rescoring)."""
+    return scores is not None and scores.height == pairs.height and _made_by_this_scorer(scores)
+
+
+def _made_by_this_scorer(scores: pl.DataFrame) -> bool:
+    return scores["scorer_version"].unique().to_list() in ([SCORER_VERSION], [])
 
 
 def refresh_pair_scores(storage: Storage) -> list[str]:
@@ -463,12 +467,12 @@ def refresh_pair_scores(storage: Storage) -> list[str]:
     layout = storage.layout
     scored = []
     for document in storage.query("SELECT DISTINCT document FROM chunks ORDER BY 1")["document"].to_list():
-        pairs_file = layout.partition_file("qa_pairs", document)
-        scores_file = layout.partition_file("pair_scores", document)
+        pairs_file = layout.partition_file(Table.QA_PAIRS, document)
+        scores_file = layout.partition_file(Table.PAIR_SCORES, document)
         if pairs_file.exists() and (
             not scores_file.exists()
             or scores_file.stat().st_mtime_ns < pairs_file.stat().st_mtime_ns
-            or not scores_are_current(storage, document)
+            or not _made_by_this_scorer(pl.read_parquet(scores_file, columns=["scorer_version"]))
         ):
             score_partition(storage, document)
             scored.append(document)
@@ -548,13 +552,46 @@ def type_balance(type_counts: dict[str, int], expected: Iterable[str] = DEFAULT_
 
 
 def summarize_partition(storage: Storage, document: str, thresholds: QualityThresholds) -> PartitionQuality:
-    """Quality figures of one document from its chunks, failures and pair scores (scored now if missing)."""
-    chunks = storage.read_partition("chunks", document)
-    pairs = storage.read_partition("qa_pairs", document)
-    failures = storage.read_partition("failures", document)
-    scores = storage.read_partition("pair_scores", document)
+    """Quality figures of one document from its written chunks, failures and pair scores (scored now if missing)."""
+    chunks = storage.read_partition(Table.CHUNKS, document)
+    pairs = storage.read_partition(Table.QA_PAIRS, document)
+    failures = storage.read_partition(Table.FAILURES, document)
+    scores = storage.read_partition(Table.PAIR_SCORES, document)
     if pairs is not None and (scores is None or scores.height != pairs.height or "evidence_score" not in scores.columns):
         scores = score_partition(storage, document)
+    return summarize(document, chunks, pairs, failures, scores, thresholds)
+
+
+def summarize_documents(
+    storage: Storage, documents: Sequence[str], thresholds: QualityThresholds
+) -> dict[str, PartitionQuality]:
+    """`summarize_partition` of many documents, each table read once through its view (not a file per
+    document), so checking every document of a large dataset costs a few reads."""
+    wanted = list(documents)
+    tables = (Table.CHUNKS, Table.QA_PAIRS, Table.FAILURES, Table.PAIR_SCORES)
+    by_table = {table: _by_document(storage.read_table(table)) for table in tables}
+    quality = {}
+    for document in wanted:
+        chunks, pairs, failures, scores = (by_table[table].get(document) for table in tables)
+        if pairs is not None and (scores is None or scores.height != pairs.height):
+            scores = score_partition(storage, document)
+        quality[document] = summarize(document, chunks, pairs, failures, scores, thresholds)
+    return quality
+
+
+def _by_document(frame: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    return {key[0]: part for key, part in frame.partition_by("document", as_dict=True, maintain_order=True).items()}
+
+
+def summarize(
+    document: str,
+    chunks: pl.DataFrame | None,
+    pairs: pl.DataFrame | None,
+    failures: pl.DataFrame | None,
+    scores: pl.DataFrame | None,
+    thresholds: QualityThresholds,
+) -> PartitionQuality:
+    """Quality figures of one document from its tables (None: a table not written)."""
     pairs = pairs if pairs is not None else pl.DataFrame(schema={"chunk_id": pl.String(), "type": pl.String()})
     if failures is None:
         failures = pl.DataFrame(schema={"chunk_id": pl.String(), "reason": pl.String()})

@@ -1,13 +1,16 @@
-"""Storage: Parquet per partition (written atomically), the chunk journal, and DuckDB views over both."""
+"""Storage, the only door to the data directory's files: tables as Parquet (written atomically), the chunk
+journal, the report and plots, and DuckDB views over the tables."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,7 +18,10 @@ import duckdb
 import polars as pl
 from pydantic import BaseModel, Field
 
-from qa_pipeline.core.layout import PARTITIONED_TABLES, DataLayout
+from qa_pipeline.core.chunking import CHUNK_SCHEMA
+from qa_pipeline.core.documents import FileStamp
+from qa_pipeline.core.layout import PARTITIONED_TABLES, DataLayout, Table, safe_file_stem
+from qa_pipeline.core.table_files import Compaction, TableFiles
 from qa_pipeline.core.prompts import QAPair
 
 QA_PAIRS_SCHEMA: dict[str, pl.DataType] = {
@@ -146,6 +152,18 @@ JUDGEMENTS_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+# Every table's columns, by table: the views, the writers and the readers use these.
+TABLE_SCHEMAS: dict[Table, dict[str, pl.DataType]] = {
+    Table.CHUNKS: CHUNK_SCHEMA,
+    Table.QA_PAIRS: QA_PAIRS_SCHEMA,
+    Table.FAILURES: FAILURES_SCHEMA,
+    Table.BENCHMARK_RUNS: BENCHMARK_SCHEMA,
+    Table.PAIR_SCORES: PAIR_SCORES_SCHEMA,
+    Table.QUESTION_DUPLICATES: QUESTION_DUPLICATES_SCHEMA,
+    Table.JUDGEMENTS: JUDGEMENTS_SCHEMA,
+}
+
+
 class ChunkResult(BaseModel):
     """The durable record of one finished chunk: its QA pairs or why it has none."""
 
@@ -234,16 +252,47 @@ def _write_bytes_atomic(data: bytes, path: Path) -> None:
         raise
 
 
-def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
+def write_parquet_atomic(frame: pl.DataFrame, path: Path, row_group_size: int | None = None) -> None:
     """Readers see the old file or the new one, never half of one; a failed write raises StorageFullError."""
     # Encoded in memory first: polars reports a failed file write as a ComputeError, not an OSError.
     buffer = io.BytesIO()
-    frame.write_parquet(buffer)
+    frame.write_parquet(buffer, row_group_size=row_group_size)
     _write_bytes_atomic(buffer.getvalue(), path)
 
 
 def write_text_atomic(text: str, path: Path) -> None:
     _write_bytes_atomic(text.encode("utf-8"), path)
+
+
+_STAMPS_SCHEMA: dict[str, pl.DataType] = {
+    "key": pl.String(),
+    "size": pl.Int64(),
+    "mtime_ns": pl.Int64(),
+    "ctime_ns": pl.Int64(),
+    "inode": pl.UInt64(),
+    "content_hash": pl.String(),
+}
+
+
+def read_source_stamps(path: Path) -> dict[str, FileStamp]:
+    """The recorded stamps of the source files (see `DataLayout.discover_sources`); none when the file is
+    missing or unreadable: it is a cache, and every file is then hashed again."""
+    try:
+        frame = pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError):
+        return {}
+    return {
+        key: FileStamp(size, mtime_ns, ctime_ns, inode, content_hash)
+        for key, size, mtime_ns, ctime_ns, inode, content_hash in frame.iter_rows()
+    }
+
+
+def write_source_stamps(stamps: dict[str, FileStamp], path: Path) -> None:
+    rows = [(key, s.size, s.mtime_ns, s.ctime_ns, s.inode, s.content_hash) for key, s in stamps.items()]
+    try:
+        write_parquet_atomic(pl.DataFrame(rows, schema=_STAMPS_SCHEMA, orient="row"), path)
+    except StorageFullError:
+        pass  # a cache: the next discovery hashes the files again
 
 
 class Journal:
@@ -355,6 +404,11 @@ class Journal:
         self.lines = len(results)
 
 
+def _move(path: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(path, target)
+
+
 def _close_quietly(handle) -> None:
     """Closes a handle whose buffered data cannot be written; that data is given up."""
     try:
@@ -429,15 +483,103 @@ def results_to_frames(results: Iterable[ChunkResult]) -> tuple[pl.DataFrame, pl.
     )
 
 
+@dataclass(frozen=True)
+class PublishedDocument:
+    """One document's tables as `Storage.publish_document` wrote them: its figures and checks read these."""
+
+    document: str
+    chunks: pl.DataFrame
+    pairs: pl.DataFrame
+    failures: pl.DataFrame
+    scores: pl.DataFrame
+    answered: int  # current chunks with a result (pairs or a failure)
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failures.height / self.answered if self.answered else 0.0
+
+
+def best_results(results: Iterable[ChunkResult], chunk_order: Sequence[str]) -> list[ChunkResult]:
+    """Per chunk of `chunk_order` (the document's current chunks, in order) its newest result with QA
+    pairs, else its newest failure; results of chunks no longer in the document are left out."""
+    best: dict[str, ChunkResult] = {}
+    for result in results:
+        current = best.get(result.chunk_id)
+        if current is None or (result.ok, result.finished_at) > (current.ok, current.finished_at):
+            best[result.chunk_id] = result
+    return [best[chunk_id] for chunk_id in chunk_order if chunk_id in best]
+
+
+# Per-document files written or deleted since the last compaction, above which the report compacts a table.
+COMPACT_AFTER_DOCUMENTS = 200
+
+
 class Storage:
-    """Reads and writes every table of one data directory."""
+    """Reads and writes every table and file of one data directory."""
 
     def __init__(self, layout: DataLayout):
         self.layout = layout
+        self._table_files: dict[str, TableFiles] = {}
+
+    def publish_document(self, document: str, results: Iterable[ChunkResult]) -> PublishedDocument:
+        """Writes a document's `qa_pairs`, `failures` and `pair_scores` from the results of its chunks
+        (the generator's or a journal's: `best_results` picks one per current chunk) and returns them.
+
+        The one way a document's answers reach its tables, for `qa_pairs` runs and `import-batch` alike.
+        The scores are computed from the frames in hand, not read back.
+        """
+        from qa_pipeline.core.quality import score_pairs, scores_are_current  # quality reads through Storage
+
+        chunks = self.read_partition(Table.CHUNKS, document)
+        if chunks is None:
+            chunks = pl.DataFrame(schema=CHUNK_SCHEMA)
+        selected = best_results(results, chunks.sort("position")["chunk_id"].to_list())
+        pairs, failures = results_to_frames(selected)
+        # An unchanged document (answers from the cache, as in a run spanning edited neighbours) keeps its
+        # files, and its scores unless the scorer changed. pair_scores last: a scores file older than its
+        # qa_pairs file means "score again" (refresh_pair_scores).
+        written = self.write_partition_if_changed(Table.QA_PAIRS, document, pairs)
+        written = self.write_partition_if_changed(Table.FAILURES, document, failures) or written
+        scores = None if written else self.read_partition(Table.PAIR_SCORES, document)
+        if not scores_are_current(scores, pairs):
+            scores = score_pairs(pairs, chunks)
+            self.write_partition(Table.PAIR_SCORES, document, scores)
+        return PublishedDocument(document, chunks, pairs, failures, scores, answered=len(selected))
+
+    def write_test_sample(self, sample: pl.DataFrame) -> Path:
+        write_parquet_atomic(sample, self.layout.test_sample_file)
+        return self.layout.test_sample_file
+
+    def read_test_sample(self) -> pl.DataFrame:
+        path = self.layout.test_sample_file
+        if not path.exists():
+            raise FileNotFoundError(f"no test sample at {path}: materialize `test_sample` first")
+        return pl.read_parquet(path)
+
+    def write_report(self, markdown: str) -> Path:
+        path = self.layout.report_dir / "quality_report.md"
+        write_text_atomic(markdown, path)
+        return path
+
+    def write_plot(self, name: str, png: bytes) -> Path:
+        """A PNG under the reports folder (`name` may hold a sub-folder, e.g. "runs/qa_pairs-ID.png")."""
+        path = self.layout.report_dir / name
+        _write_bytes_atomic(png, path)
+        return path
+
+    def _files(self, table: str) -> TableFiles | None:
+        """The file set of a document table (None for the others, one plain file per partition)."""
+        if table not in PARTITIONED_TABLES:
+            return None
+        if table not in self._table_files:
+            self._table_files[table] = TableFiles(self.layout.table_dir(table), table)
+        return self._table_files[table]
 
     def write_partition(self, table: str, document: str, frame: pl.DataFrame) -> Path:
         path = self.layout.partition_file(table, document)
-        write_parquet_atomic(frame, path)
+        files = self._files(table)
+        with files.writing() if files else contextlib.nullcontext():
+            write_parquet_atomic(frame, path)
         return path
 
     def write_partition_if_changed(self, table: str, document: str, frame: pl.DataFrame) -> bool:
@@ -453,26 +595,60 @@ class Storage:
         return True
 
     def read_partition(self, table: str, document: str) -> pl.DataFrame | None:
+        """A partition's rows: its own file, else (document tables) its rows in a compacted segment;
+        None when it has neither or was deleted."""
         path = self.layout.partition_file(table, document)
-        return pl.read_parquet(path) if path.exists() else None
+        try:
+            return pl.read_parquet(path)
+        except FileNotFoundError:
+            pass  # not written, or folded into a segment by a compaction since
+        files = self._files(table)
+        stem = safe_file_stem(document)
+        if files is None or files.is_deleted(stem):
+            return None
+        return files.compacted_rows(stem)
 
     def delete_partition(self, document: str, trash: Path | None = None) -> Path | None:
         """Moves every output and the journal of a document into a trash folder (`trash`, else a new one).
 
         Its rows leave the views at once, but the journal holds paid responses: moving the folder's
-        contents back into the data directory restores them. Returns the trash folder, or None when
-        the document had no file.
+        contents back into the data directory restores them (rows that were in a compacted segment
+        are written there as the document's own file). Returns the trash folder, or None when the
+        document had no file.
         """
-        files = [self.layout.partition_file(table, document) for table in PARTITIONED_TABLES]
-        files = [path for path in (*files, self.layout.journal_file(document)) if path.exists()]
-        if not files:
-            return None
-        trash = trash or self.new_trash_folder()
-        for path in files:
-            target = trash / path.relative_to(self.layout.root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(path, target)
-        return trash
+        trash_of = lambda: trash or self.new_trash_folder()  # noqa: E731
+        stem, moved = safe_file_stem(document), False
+        for table in PARTITIONED_TABLES:
+            files = self._files(table)
+            path = self.layout.partition_file(table, document)
+            if not files.directory.is_dir():
+                continue
+            with files.writing():
+                compacted = None if files.is_deleted(stem) else files.compacted_rows(stem)
+                if path.exists():
+                    trash = trash_of()
+                    _move(path, trash / path.relative_to(self.layout.root))
+                    moved = True
+                elif compacted is not None:
+                    trash = trash_of()
+                    write_parquet_atomic(compacted, trash / path.relative_to(self.layout.root))
+                    moved = True
+                # Checked after the move: a compaction that read the file before it moved created the
+                # folder first, so the marker keeps the document out of the segment it is writing.
+                if files.compacted_dir.exists():
+                    _write_bytes_atomic(document.encode("utf-8"), files.deleted_marker(stem))
+        journal = self.layout.journal_file(document)
+        if journal.exists():
+            trash = trash_of()
+            _move(journal, trash / journal.relative_to(self.layout.root))
+            moved = True
+        return trash if moved else None
+
+    def compact(self, min_documents: int = 1) -> list[Compaction]:
+        """Folds the per-document files of every document table into compacted segments, for each
+        table with at least `min_documents` written or deleted since its last compaction."""
+        done = [self._files(table).compact(min_documents) for table in PARTITIONED_TABLES]
+        return [compaction for compaction in done if compaction is not None]
 
     def new_trash_folder(self) -> Path:
         """An empty folder `trash/<UTC time>` for one deletion, never shared with an earlier one."""
@@ -491,8 +667,7 @@ class Storage:
         return sorted(directory.glob("*.parquet")) if directory.exists() else []
 
     def read_table(self, table: str) -> pl.DataFrame:
-        with self.connect() as connection:
-            return connection.sql(f"SELECT * FROM {table}").pl()
+        return self.query(f"SELECT * FROM {table}")
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB with the views; it reads Parquet only, so it never locks the pipeline out."""
@@ -503,18 +678,7 @@ class Storage:
 
     def view_definitions(self) -> dict[str, str]:
         """`CREATE VIEW name AS <sql>` bodies, also written to views.sql for the DuckDB CLI."""
-        from qa_pipeline.core.chunking import CHUNK_SCHEMA  # chunking owns the chunk schema
-
-        schemas = {
-            "chunks": CHUNK_SCHEMA,
-            "qa_pairs": QA_PAIRS_SCHEMA,
-            "failures": FAILURES_SCHEMA,
-            "benchmark_runs": BENCHMARK_SCHEMA,
-            "pair_scores": PAIR_SCORES_SCHEMA,
-            "question_duplicates": QUESTION_DUPLICATES_SCHEMA,
-            "judgements": JUDGEMENTS_SCHEMA,
-        }
-        return {name: self._view_sql(name, schema) for name, schema in schemas.items()}
+        return {str(table): self._view_sql(table, schema) for table, schema in TABLE_SCHEMAS.items()}
 
     def _view_sql(self, table: str, schema: dict[str, pl.DataType]) -> str:
         # The table's columns, typed, without rows: the view has them from the start, and files written
@@ -523,17 +687,23 @@ class Storage:
         columns = ", ".join(
             f"CAST(NULL AS {_duckdb_type(dtype)}) AS {name}" for name, dtype in empty.schema.items()
         )
-        if self.partition_files(table):
+        files = self._files(table)
+        data = files.view_sql() if files is not None else None
+        if files is None and self.partition_files(table):
             pattern = str(self.layout.table_dir(table) / "*.parquet").replace("'", "''")
-            return (
-                f"SELECT * FROM read_parquet('{pattern}', union_by_name = true) "
-                f"UNION ALL BY NAME SELECT {columns} WHERE false"
-            )
+            data = f"SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
+        if data is not None:
+            return f"{data} UNION ALL BY NAME SELECT {columns} WHERE false"
         return f"SELECT {columns} WHERE false"
 
     def query(self, sql: str) -> pl.DataFrame:
-        with self.connect() as connection:
-            return connection.sql(sql).pl()
+        try:
+            with self.connect() as connection:
+                return connection.sql(sql).pl()
+        except duckdb.IOException:
+            # A file listed by the views was folded into a segment (or deleted) meanwhile: list again.
+            with self.connect() as connection:
+                return connection.sql(sql).pl()
 
 
 def _duckdb_type(dtype: pl.DataType) -> str:

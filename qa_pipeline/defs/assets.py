@@ -21,10 +21,11 @@ from qa_pipeline.core.documents import DocumentError, SourceFile, read_document
 from qa_pipeline.core.generation import ChunkTask, GenerationReport, GenerationSettings, Generator
 from qa_pipeline.core.plots import plot_generation_telemetry, telemetry_summary
 from qa_pipeline.core.prompts import DEFAULT_QUESTION_TYPES, PROMPT_VERSION
-from qa_pipeline.core.quality import refresh_pair_scores, score_partition, scores_are_current
+from qa_pipeline.core.layout import Table
+from qa_pipeline.core.quality import refresh_pair_scores
 from qa_pipeline.core.report import build_report
 from qa_pipeline.core.sampling import stratified_sample
-from qa_pipeline.core.storage import ChunkResult, results_to_frames, write_parquet_atomic, write_text_atomic
+from qa_pipeline.core.storage import COMPACT_AFTER_DOCUMENTS, ChunkResult
 from qa_pipeline.defs.checks import (
     CHECK_SPECS,
     QualityChecksConfig,
@@ -119,11 +120,11 @@ def chunks(context: dg.AssetExecutionContext, config: ChunkingConfig, storage: S
     A file that cannot be read or chunked fails its own partition, naming the file; the other
     documents of the run are chunked and recorded.
     """
-    sources = {s.key: s for s in storage.layout.discover_sources()}
     outcomes: dict[str, dict] = {}
     failed: dict[str, str] = {}
     for document in context.partition_keys:
-        source = sources.get(document)
+        # The partition's own file, looked up by its key: the cost of a document does not grow with the folder.
+        source = storage.layout.source_file(document)
         if source is None:
             failed[document] = f"document {document!r} is not in {storage.layout.sources_dir}; it was moved or deleted"
             continue
@@ -153,8 +154,9 @@ def _chunk_document(
     if not chunk_list:
         raise DocumentError(source.path, "no text to chunk (the document is empty after parsing)", "Add text to it or remove it.")
     frame = chunks_to_frame(chunk_list)
-    storage.storage.write_partition_if_changed("chunks", source.key, frame)
-    path = storage.layout.partition_file("chunks", source.key)
+    # An unchanged document keeps its file (and everything read from it), as in a run spanning edited neighbours.
+    storage.storage.write_partition_if_changed(Table.CHUNKS, source.key, frame)
+    path = storage.layout.partition_file(Table.CHUNKS, source.key)
     for warning in getattr(parsed, "warnings", []) or []:
         context.log.warning(f"{source.path}: {warning}")
     return {
@@ -205,11 +207,11 @@ def _partitions_result(
 @dg.asset(deps=[chunks], code_version="sample-v1", kinds={"parquet"}, group_name="documents")
 def test_sample(context: dg.AssetExecutionContext, config: SampleConfig, storage: StorageResource) -> dg.MaterializeResult:
     """A seeded sample stratified by service (or document) for the concurrency benchmark."""
-    all_chunks = storage.storage.read_table("chunks")
+    all_chunks = storage.storage.read_table(Table.CHUNKS)
     if all_chunks.height == 0:
         raise dg.Failure("no chunks yet: materialize `chunks` for at least one document first")
     sample = stratified_sample(all_chunks, size=config.size, seed=config.seed)
-    write_parquet_atomic(sample, storage.layout.test_sample_file)
+    storage.storage.write_test_sample(sample)
     by_stratum = sample.group_by("stratum").len().sort("stratum")
     return dg.MaterializeResult(
         metadata={
@@ -225,7 +227,7 @@ async def concurrency_benchmark(
     context: dg.AssetExecutionContext, config: BenchmarkConfig, llm: LLMResource, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Sweeps concurrency levels on the test sample; recommends the level `qa_pairs` uses."""
-    sample = pl.read_parquet(storage.layout.test_sample_file)
+    sample = storage.storage.read_test_sample()
     settings = config.settings()
     prompts = [settings.messages(row["content"], row["heading_path"]) for row in sample.iter_rows(named=True)]
     results = await bench.sweep(
@@ -235,8 +237,8 @@ async def concurrency_benchmark(
     frame = bench.results_frame(
         results, context.run_id, llm.client.model or "", llm.client.endpoints[0].base_url, recommended
     )
-    storage.storage.write_partition("benchmark_runs", context.run_id, frame)
-    plot = bench.plot_sweep(frame, storage.layout.report_dir / "concurrency_benchmark.png")
+    storage.storage.write_partition(Table.BENCHMARK_RUNS, context.run_id, frame)
+    plot = storage.storage.write_plot("concurrency_benchmark.png", bench.plot_sweep(frame))
     table = frame.select(
         "concurrency", "requests_per_s", "output_tokens_per_s", "success_rate",
         "latency_p50_s", "latency_p95_s", "latency_p99_s",
@@ -370,9 +372,7 @@ def _run_metadata(
     if len(report.telemetry) > 1:
         keys = context.partition_keys
         title = f"qa_pairs {keys[0]}" if len(keys) == 1 else f"qa_pairs ({len(keys)} documents)"
-        path = storage.layout.report_dir / "runs" / f"qa_pairs-{context.run_id}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(plot_generation_telemetry(report.telemetry, title))
+        path = storage.storage.write_plot(f"runs/qa_pairs-{context.run_id}.png", plot_generation_telemetry(report.telemetry, title))
         metadata["throughput_plot"] = dg.MetadataValue.path(str(path))
     return metadata
 
@@ -381,7 +381,7 @@ def _chunk_tasks(documents_in_run: list[str], storage: StorageResource) -> tuple
     """The chunks to ask about, and the documents that have no chunks yet."""
     tasks, missing = [], []
     for document in documents_in_run:
-        chunk_frame = storage.storage.read_partition("chunks", document)
+        chunk_frame = storage.storage.read_partition(Table.CHUNKS, document)
         if chunk_frame is None:
             missing.append(document)
             continue
@@ -396,18 +396,13 @@ def _publish_document(
     document: str, results: list[ChunkResult], storage: StorageResource, failure_threshold: float, thresholds
 ) -> tuple[dict, str | None, list]:
     """Writes one document's tables and scores them; its metadata, why it fails (or None), its check verdicts."""
-    pairs, failures = results_to_frames(results)
-    # An unchanged document (answers from the cache, as in a run spanning edited neighbours) keeps its files.
-    written = storage.storage.write_partition_if_changed("qa_pairs", document, pairs)
-    written = storage.storage.write_partition_if_changed("failures", document, failures) or written
-    if written or not scores_are_current(storage.storage, document):
-        score_partition(storage.storage, document)  # pair_scores, read by the checks
-    verdicts = document_verdicts(storage.storage, document, thresholds)
-    failure_rate = failures.height / len(results) if results else 0.0
+    published = storage.storage.publish_document(document, results)
+    verdicts = document_verdicts(published, thresholds)
+    pairs, failures, failure_rate = published.pairs, published.failures, published.failure_rate
     metadata = {
         "dagster/partition_row_count": pairs.height,
         "dagster/column_schema": column_schema(pairs),
-        "chunks": len(results),
+        "chunks": published.answered,
         "chunks_failed": failures.height,
         "failure_rate": failure_rate,
         "failures_by_reason": dg.MetadataValue.json(
@@ -417,7 +412,7 @@ def _publish_document(
     if failure_rate <= failure_threshold:
         return metadata, None, verdicts
     return metadata, (
-        f"{failures.height} of {len(results)} chunks of {document!r} failed ({failure_rate:.1%} > "
+        f"{failures.height} of {published.answered} chunks of {document!r} failed ({failure_rate:.1%} > "
         f"threshold {failure_threshold:.1%}). Finished chunks are saved; re-run this "
         "partition to retry only the failed chunks."
     ), verdicts
@@ -427,20 +422,23 @@ def _publish_document(
 def quality_report(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     """Counts, success rate, groundedness, refusals, duplicates, question types, languages, failures by
     reason, latency and throughput, overall and per document; writes the `question_duplicates` table."""
+    for compaction in storage.storage.compact(min_documents=COMPACT_AFTER_DOCUMENTS):
+        context.log.info(
+            f"compacted {compaction.documents} documents of `{compaction.table}` (and {compaction.segments_merged} "
+            f"segments) in {compaction.seconds:.1f} s"
+        )
     context.log.info("building the quality report over every document's outputs")
     rescored = refresh_pair_scores(storage.storage)
     if rescored:
         context.log.info(f"scored {len(rescored)} documents whose pair_scores were missing or out of date")
     report = build_report(storage.storage)
-    storage.storage.write_partition("question_duplicates", "dataset", report.duplicates)
+    storage.storage.write_partition(Table.QUESTION_DUPLICATES, "dataset", report.duplicates)
     markdown = report.markdown()
-    path = storage.layout.report_dir / "quality_report.md"
-    write_text_atomic(markdown, path)
-    plots = {}
-    for name, image in report.plots().items():
-        plot_path = storage.layout.report_dir / f"{name}.png"
-        plot_path.write_bytes(image)
-        plots[f"plot/{name}"] = dg.MetadataValue.path(str(plot_path))
+    path = storage.storage.write_report(markdown)
+    plots = {
+        f"plot/{name}": dg.MetadataValue.path(str(storage.storage.write_plot(f"{name}.png", image)))
+        for name, image in report.plots().items()
+    }
     worst = report.per_document.sort(["chunks_failed", "mean_groundedness"], descending=[True, False], nulls_last=True)
     return dg.MaterializeResult(
         metadata={

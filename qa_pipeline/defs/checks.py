@@ -16,9 +16,9 @@ from qa_pipeline.core.quality import (
     evidence_verdict,
     groundedness_verdict,
     success_rate_verdict,
-    summarize_partition,
+    summarize,
 )
-from qa_pipeline.core.storage import Storage
+from qa_pipeline.core.storage import PublishedDocument
 from qa_pipeline.defs.partitions import documents
 
 _DEFAULTS = QualityThresholds()
@@ -69,9 +69,10 @@ class QualityChecksConfig(dg.Config):
         return QualityThresholds(**self.model_dump())
 
 
-def document_verdicts(storage: Storage, document: str, thresholds: QualityThresholds) -> list[Verdict]:
-    """Every check's verdict on one document's written tables (called from a worker thread)."""
-    quality = summarize_partition(storage, document, thresholds)
+def document_verdicts(published: PublishedDocument, thresholds: QualityThresholds) -> list[Verdict]:
+    """Every check's verdict on one document's tables as just published (called from a worker thread)."""
+    p = published
+    quality = summarize(p.document, p.chunks, p.pairs, p.failures, p.scores, thresholds)
     return [verdict_of(quality, thresholds) for verdict_of, _, _, _ in CHECKS.values()]
 
 

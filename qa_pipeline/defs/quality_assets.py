@@ -4,6 +4,7 @@
 import dagster as dg
 
 from qa_pipeline.core import judge as judging
+from qa_pipeline.core.layout import Table
 from qa_pipeline.core.quality import QualityThresholds, refresh_pair_scores
 from qa_pipeline.defs.assets import qa_pairs, table_metadata
 from qa_pipeline.defs.resources import LLMResource, StorageResource
@@ -36,7 +37,7 @@ async def judged_sample(
         thresholds=QualityThresholds(ungrounded_below=config.ungrounded_below),
         log=context.log.warning,
     )
-    storage.storage.write_partition("judgements", context.run.run_id, judgements)
+    storage.storage.write_partition(Table.JUDGEMENTS, context.run.run_id, judgements)
     summary, by_rating = judging.agreement(judgements)
     return dg.MaterializeResult(
         metadata={

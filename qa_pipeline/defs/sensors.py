@@ -181,8 +181,8 @@ def unreadable_documents(layout: DataLayout, keys: Sequence[str]) -> list[str]:
     """The documents among `keys` that cannot be read or chunked (bad encoding, binary, empty...)."""
     if not keys:
         return []
-    sources = {source.key: source for source in layout.discover_sources()}
-    return [key for key in keys if key in sources and document_problem(sources[key]) is not None]
+    sources = {key: layout.source_file(key) for key in keys}
+    return [key for key, source in sources.items() if source is not None and document_problem(source) is not None]
 
 
 def source_observations(changes: SourceChanges) -> list[dg.AssetObservation]:
