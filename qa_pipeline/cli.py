@@ -89,6 +89,7 @@ def command_run(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout,
         stall_timeout_s=args.stall_timeout,
         failure_threshold=args.failure_threshold,
+        model=args.model,
     )
     started = time.monotonic()
     signals = _Signals()
@@ -128,7 +129,10 @@ def command_run(args: argparse.Namespace) -> int:
         f"in {format_duration(time.monotonic() - started)}"
     )
     _print_failures(outcome.failed)
-    print('Query the outputs: qa-pipeline sql "SELECT * FROM qa_pairs LIMIT 5"')
+    if options.model:
+        print(f"Compare {options.model} with the other models: qa-pipeline compare")
+    else:
+        print('Query the outputs: qa-pipeline sql "SELECT * FROM qa_pairs LIMIT 5"')
     if outcome.runs:
         print(f"Dagster runs: {', '.join(run[:8] for run in outcome.runs)} (see them with `dagster dev`)")
     return 1 if outcome.failed else 0
@@ -181,6 +185,36 @@ def command_sql(args: argparse.Namespace) -> int:
     else:
         with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
             print(frame)
+    return 0
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from qa_pipeline.core.comparison import HIGHER_IS_BETTER, paired_view, record_comparison
+
+    layout = DataLayout.from_env(args.data_dir)
+    comparison, tables = record_comparison(layout)
+    if comparison.height == 0:
+        print(
+            "qa-pipeline compare: no model has QA pairs yet; run `qa-pipeline run` and "
+            "`qa-pipeline run --model NAME` first",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"Models on the same {comparison['chunks'].max()} chunks (one column per model):")
+    shown = comparison.with_columns(pl.col(pl.Float64).round(3))
+    figures = shown.drop("model").transpose(include_header=True, header_name="figure", column_names=comparison["model"])
+    better = {name: ("higher is better" if up else "lower is better") for name, up in HIGHER_IS_BETTER.items()}
+    figures = figures.with_columns(pl.col("figure").replace_strict(better, default="").alias("better"))
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200, tbl_hide_dataframe_shape=True):
+        print(figures)
+        paired = paired_view(tables, args.document, args.chunk)
+        if paired.height:
+            document, chunk = paired["document"][0], paired["chunk_id"][0]
+            print(f"\nOne chunk, each model's pairs side by side ({document}, chunk {chunk}):")
+            print(paired.drop("document", "chunk_id"))
+    print('\nThe same rows: qa-pipeline sql "SELECT * FROM model_comparison"')
     return 0
 
 
@@ -354,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--documents", nargs="*", metavar="GLOB", help="only documents matching these patterns")
     run.add_argument("--limit", type=_positive_int, help="at most this many documents (in name order)")
     run.add_argument(
+        "--model",
+        metavar="NAME",
+        help="a named model of the models file (QA_PIPELINE_MODELS_FILE): its pairs are kept apart, for "
+        "`qa-pipeline compare` (default: the generator of QA_PIPELINE_LLM_*)",
+    )
+    run.add_argument(
         "--concurrency",
         type=_concurrency,
         metavar="N|auto",
@@ -422,6 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
     sql.add_argument("--max-rows", type=int, default=50)
     sql.set_defaults(func=command_sql)
+
+    compare = sub.add_parser(
+        "compare", help="the models side by side on the same chunks (speed, cost, failures, quality), and one chunk's pairs"
+    )
+    compare.add_argument("--data-dir")
+    compare.add_argument("--document", help="the paired view shows a chunk of this document")
+    compare.add_argument("--chunk", help="the paired view shows this chunk id (default: the first every model answered)")
+    compare.set_defaults(func=command_compare)
 
     report = sub.add_parser("report", help="print the quality report of the current outputs")
     report.add_argument("--data-dir")

@@ -20,15 +20,18 @@ from qa_pipeline.core.generation import STOP_REQUESTS
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.report import build_report
 from qa_pipeline.core.run_ranges import partition_ranges
-from qa_pipeline.core.settings import LLMSettings, RunSettings
+from qa_pipeline.core.settings import LLMSettings, ModelConfig, RunSettings, model_config
 from qa_pipeline.core.storage import Storage
+from qa_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, documents_by_model, model_partition_key
 from qa_pipeline.defs.partitions import documents as documents_partitions
-from qa_pipeline.defs.resources import LLMResource, StorageResource
-from qa_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG
+from qa_pipeline.defs.partitions import models as models_partitions
+from qa_pipeline.defs.resources import LLMResource, ModelsResource, StorageResource
 from qa_pipeline.defs.sensors import LAUNCHED_BY_TAG, sync_document_partitions
 
 CHUNKS, TEST_SAMPLE, BENCHMARK = dg.AssetKey("chunks"), dg.AssetKey("test_sample"), dg.AssetKey("concurrency_benchmark")
 QA_PAIRS, REPORT = dg.AssetKey("qa_pairs"), dg.AssetKey("quality_report")
+MODEL_BENCHMARK, QA_PAIRS_BY_MODEL = dg.AssetKey("model_concurrency_benchmark"), dg.AssetKey("qa_pairs_by_model")
+PARTITION_TAG = "dagster/partition"
 
 # A CPU-served 135M model saturates early; a full sweep up to 64 would take most of the demo,
 # and each level stops sending after a minute (requests in flight still finish).
@@ -58,6 +61,7 @@ class PipelineOptions:
     request_timeout_s: float | None = None  # None: QA_PIPELINE_REQUEST_TIMEOUT_S
     stall_timeout_s: float | None = None  # None: QA_PIPELINE_STALL_TIMEOUT_S
     failure_threshold: float = defaults.DEFAULT_FAILURE_THRESHOLD
+    model: str | None = None  # a named model of QA_PIPELINE_MODELS_FILE: `qa_pairs_by_model` instead of `qa_pairs`
 
 
 @dataclass
@@ -80,13 +84,19 @@ class PipelineOutcome:
     stopped: str | None = None
 
 
-def failed_documents(instance: dg.DagsterInstance, keys: list[str]) -> set[str]:
-    """Documents whose last `chunks` or `qa_pairs` materialization failed (or was stopped)."""
+def failed_documents(instance: dg.DagsterInstance, keys: list[str], model: str | None = None) -> set[str]:
+    """Documents whose last `chunks` or `qa_pairs` (or the model's `qa_pairs_by_model`) materialization
+    failed (or was stopped)."""
     failed: set[str] = set()
-    for asset in (CHUNKS, QA_PAIRS):
-        statuses = instance.get_status_by_partition(asset, keys, documents_partitions) or {}
-        failed |= {key for key, status in statuses.items() if status == dg.AssetPartitionStatus.FAILED}
-    return failed
+    statuses = instance.get_status_by_partition(CHUNKS, keys, documents_partitions) or {}
+    failed |= {key for key, status in statuses.items() if status == dg.AssetPartitionStatus.FAILED}
+    if model is None:
+        statuses = instance.get_status_by_partition(QA_PAIRS, keys, documents_partitions) or {}
+    else:
+        by_key = {model_partition_key(key, model): key for key in keys}
+        statuses = instance.get_status_by_partition(QA_PAIRS_BY_MODEL, list(by_key), documents_by_model) or {}
+        statuses = {by_key[key]: status for key, status in statuses.items()}
+    return failed | {key for key, status in statuses.items() if status == dg.AssetPartitionStatus.FAILED}
 
 
 def documents_with_failed_chunks(storage: Storage) -> set[str]:
@@ -116,10 +126,14 @@ class Launcher:
         self.log = log
         self.run_ids: list[str] = []
 
-    def launch(self, assets: Sequence[dg.AssetKey], keys: Sequence[str] | None = None) -> dg.ExecuteInProcessResult:
+    def launch(
+        self, assets: Sequence[dg.AssetKey], keys: Sequence[str] | None = None, partition: str | None = None
+    ) -> dg.ExecuteInProcessResult:
         if STOP_REQUESTS.stop.is_set():
             raise StopRequested()
         tags = {LAUNCHED_BY_TAG: "cli"}
+        if partition:
+            tags[PARTITION_TAG] = partition
         if keys:
             tags.update({RANGE_START_TAG: keys[0], RANGE_END_TAG: keys[-1]})
         selected = {key.to_user_string() for key in assets}
@@ -155,6 +169,8 @@ def run_pipeline(layout: DataLayout, options: PipelineOptions, log: Callable[[st
 def _run_pipeline(
     layout: DataLayout, options: PipelineOptions, log: Callable[[str], None], outcome: PipelineOutcome
 ) -> PipelineOutcome:
+    if options.model:
+        model_config(layout.root, options.model)  # an unknown name is said before anything runs
     instance = dg.DagsterInstance.get()
     sync = sync_document_partitions(instance, layout, deletions_allowed=not options.chunks_only)
     for line in sync.messages:
@@ -162,7 +178,8 @@ def _run_pipeline(
     present = [s.key for s in layout.discover_sources()]
     selected = [k for k in present if not options.documents or any(fnmatch.fnmatch(k, p) for p in options.documents)]
     if options.failed_only:
-        failed = failed_documents(instance, selected) | documents_with_failed_chunks(Storage(layout))
+        failed = failed_documents(instance, selected, options.model)
+        failed |= documents_with_failed_chunks(Storage(layout.for_model(options.model)))
         selected = [key for key in selected if key in failed]
         if not selected:
             log("qa-pipeline run --failed: no document or chunk failed in its last run; nothing to re-run")
@@ -184,6 +201,8 @@ def _run_pipeline(
     if outcome.stopped or not chunked or options.chunks_only:
         outcome.succeeded = chunked
         return outcome
+    if options.model:
+        return _run_named_model(instance, layout, options, launcher, runs_of(chunked), outcome, log)
 
     # Read only now: chunking needs no LLM, so a bad LLM setting does not stop it.
     llm_settings = LLMSettings.load(
@@ -219,6 +238,49 @@ def _run_pipeline(
             # This command started it (through the `llm` resource): it stops it too.
             stop_embedded_server(layout, progress=log)
     outcome.report_markdown = build_report(Storage(layout)).markdown()
+    return outcome
+
+
+def _run_named_model(
+    instance: dg.DagsterInstance,
+    layout: DataLayout,
+    options: PipelineOptions,
+    launcher: Launcher,
+    runs: list[list[str]],
+    outcome: PipelineOutcome,
+    log: Callable[[str], None],
+) -> PipelineOutcome:
+    """The chunked documents through one named model: its served name checked on its endpoints first,
+    its own benchmark, then `qa_pairs_by_model` over the same ranges of documents as `qa_pairs`."""
+    model = model_config(layout.root, options.model)
+    if model.name not in instance.get_dynamic_partitions(models_partitions.name):
+        instance.add_dynamic_partitions(models_partitions.name, [model.name])
+        log(f"models: added {model.name!r} (served as {model.model!r})")
+    llm_settings = LLMSettings.load(
+        flags={"request_timeout_s": "--request-timeout", "stall_timeout_s": "--stall-timeout"},
+        request_timeout_s=options.request_timeout_s,
+        stall_timeout_s=options.stall_timeout_s,
+    )
+    models = ModelsResource(**LLMResource.from_settings(llm_settings, data_dir=str(layout.root)).model_dump(exclude_none=True))
+    launcher.resources["models"] = {"config": models.model_dump(exclude_none=True)}
+    launcher.ops = _ops_config(options, llm_settings)
+    # An offline model has no server to ask: its batch command runs inside `qa_pairs_by_model`, and
+    # the throughput it measures there stands for its benchmark.
+    offline = model.engine == "offline"
+    problem = None if offline else check_server(launcher.resources["models"]["config"], model)
+    if problem:
+        outcome.failed["LLM server"] = problem
+        outcome.stopped = "server"
+        return outcome
+    if not options.skip_benchmark and not offline:
+        result = launcher.launch([TEST_SAMPLE, MODEL_BENCHMARK], partition=model.name)
+        if not result.success:
+            outcome.failed["model_concurrency_benchmark"] = _failure_messages(result).get("", "the benchmark failed")
+            outcome.stopped = _stop_reason(result) or "benchmark"
+            return outcome
+    keyed = [[model_partition_key(document, model.name) for document in keys] for keys in runs]
+    outcome.succeeded = _run_documents(launcher, [QA_PAIRS_BY_MODEL], keyed, outcome, log)
+    outcome.report_markdown = build_report(Storage(layout.for_model(model.name))).markdown()
     return outcome
 
 
@@ -306,15 +368,20 @@ def _stop_reason(result: dg.ExecuteInProcessResult) -> str | None:
     return None
 
 
-def check_server(llm_config: dict) -> str | None:
-    """Why the configured endpoint(s) cannot serve the run (unreachable, key refused, model not served), or None."""
+def check_server(llm_config: dict, model: ModelConfig | None = None) -> str | None:
+    """Why the configured endpoint(s) cannot serve the run (unreachable, key refused, model not served), or None.
+
+    With `model`, the named model's endpoints are asked for its served name instead.
+    """
     import asyncio
 
     from qa_pipeline.core.client import LLMClient, ServerError
 
-    resource = LLMResource(**llm_config)
-
     async def probe() -> None:
+        if model is not None:
+            async with ModelsResource(**llm_config).client(model):
+                return
+        resource = LLMResource(**llm_config)
         async with LLMClient(resource.client_config(ClientConfig.parse_base_urls(resource.base_url), resource.model)) as client:
             await client.resolve_model()
 
@@ -353,4 +420,6 @@ def _ops_config(options: PipelineOptions, llm: LLMSettings) -> dict:
         "test_sample": {"config": {"size": options.sample_size}},
         "concurrency_benchmark": {"config": benchmark},
         "qa_pairs": {"config": qa},
+        "model_concurrency_benchmark": {"config": benchmark},
+        "qa_pairs_by_model": {"config": qa},
     }

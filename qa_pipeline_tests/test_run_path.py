@@ -16,6 +16,7 @@ import dagster as dg
 
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.simulator.server import passage_key
+from qa_pipeline.defs.checks import CHECKS
 from qa_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, documents
 from qa_pipeline.defs.sensors import LAUNCHED_BY_TAG
 from qa_pipeline_tests.conftest import REPO, cli_env, run_cli, sql
@@ -77,8 +78,13 @@ def qa_pairs_runs(runs: list[dg.DagsterRun]) -> list[dg.DagsterRun]:
 PAIRS_QUERY = "SELECT document, chunk_id, question, answer FROM qa_pairs ORDER BY document, chunk_id, pair_index"
 
 
-def submit_ui_backfill(instance: dg.DagsterInstance, partitions: list[str]) -> str:
-    """An asset backfill of `chunks` + `qa_pairs` over `partitions`, the record the UI's dialog submits."""
+def submit_ui_backfill(
+    instance: dg.DagsterInstance,
+    partitions: list[str],
+    assets: tuple[dg.AssetKey, ...] = (CHUNKS, QA_PAIRS),
+    run_config: dict | None = None,
+) -> str:
+    """An asset backfill of `assets` (`chunks` + `qa_pairs`) over `partitions`, the record the UI's dialog submits."""
     from dagster._core.execution.backfill import PartitionBackfill
     from dagster._core.utils import make_new_backfill_id
 
@@ -90,14 +96,14 @@ def submit_ui_backfill(instance: dg.DagsterInstance, partitions: list[str]) -> s
             backfill_id=backfill_id,
             asset_graph=defs().resolve_asset_graph(),
             partition_names=partitions,
-            asset_selection=[CHUNKS, QA_PAIRS],
+            asset_selection=list(assets),
             backfill_timestamp=time.time(),
             tags={},
             dynamic_partitions_store=instance,
             all_partitions=False,
             title=None,
             description=None,
-            run_config=None,
+            run_config=run_config,
         )
     )
     return backfill_id
@@ -123,6 +129,18 @@ def wait_for_backfill(
             f"daemon log: {log.read_text()[-3000:]}"
         )
         time.sleep(0.5)
+
+
+def start_daemon(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
+    """`dagster-daemon run` on the project's workspace, in its own session (see `stop`), logging to `log`."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+        env=env,
+        cwd=cwd,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -157,14 +175,7 @@ def test_a_cli_run_and_a_ui_backfill_over_the_same_documents_give_the_same_parti
         partitions = list(instance.get_dynamic_partitions(documents.name))
         assert len(partitions) == 4
         backfill_id = submit_ui_backfill(instance, partitions)
-        daemon = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
-            env=ui,
-            cwd=tmp_path,
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        daemon = start_daemon(ui, tmp_path, log)
         try:
             backfill_runs = wait_for_backfill(instance, backfill_id, partitions, daemon, log)
         finally:
@@ -180,7 +191,7 @@ def test_a_cli_run_and_a_ui_backfill_over_the_same_documents_give_the_same_parti
     cli_pairs = sql(PAIRS_QUERY, cli)
     assert len(cli_pairs) >= 12
     assert sql(PAIRS_QUERY, ui) == cli_pairs, "the same QA pairs from either run path"
-    assert len(cli_checks) == 3 * 4, cli_checks
+    assert len(cli_checks) == len(CHECKS) * 4, cli_checks
     assert ui_checks == cli_checks, "the same verdict per check and document"
     assert len(ui_qa_runs) == 1, f"the backfill ran qa_pairs as {len(ui_qa_runs)} runs, not one over all documents"
     (run,) = ui_qa_runs

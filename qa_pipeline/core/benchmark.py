@@ -307,9 +307,17 @@ def plot_sweep(frame: pl.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def latest_recommendation(storage: Storage) -> int | None:
-    """The level recommended by the most recent benchmark run, if any."""
-    frame = storage.query(
-        "SELECT concurrency FROM benchmark_runs WHERE recommended ORDER BY started_at DESC LIMIT 1"
-    )
+def latest_recommendation(storage: Storage, model: str | None = None, endpoint: str | None = None) -> int | None:
+    """The level recommended by the most recent benchmark run of this model on this endpoint, if any.
+
+    A level measured on another model or server says nothing about this one, so it is not reused.
+    """
+    conditions, parameters = ["recommended"], []
+    for column, value in (("model", model), ("endpoint", endpoint)):
+        if value is not None:
+            conditions.append(f"{column} = ?")
+            parameters.append(value)
+    query = f"SELECT concurrency FROM benchmark_runs WHERE {' AND '.join(conditions)} ORDER BY started_at DESC LIMIT 1"
+    with storage.connect() as connection:
+        frame = connection.sql(query, params=parameters).pl()
     return int(frame["concurrency"][0]) if frame.height else None

@@ -29,6 +29,8 @@ class ClientConfig(BaseModel):
     base_urls: list[str] = Field(min_length=1, description="OpenAI-style base URLs, ending in /v1")
     model: str | None = Field(default=None, description="served model name; None = the first one served")
     api_key: SecretStr | None = None
+    # Where the user sets `model`, for the error that says it is not served.
+    model_setting: str = "QA_PIPELINE_LLM_MODEL"
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     connect_timeout_s: float = 10.0
     max_retries: int = 4
@@ -546,8 +548,8 @@ class LLMClient:
             if self.model not in served:
                 raise ServerError(
                     f"model {self.model!r} is not served by {endpoint.base_url}; "
-                    f"it serves: {', '.join(served) or 'nothing'}. Set QA_PIPELINE_LLM_MODEL to a model "
-                    "every endpoint in QA_PIPELINE_LLM_BASE_URL serves."
+                    f"it serves: {', '.join(served) or 'nothing'}. Set {self.config.model_setting} to a model "
+                    "every one of its endpoints serves."
                 )
         lengths = [entries[self.model].get("max_model_len") for _, entries in reachable]
         lengths = [length for length in lengths if isinstance(length, int) and length > 0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass
@@ -22,10 +23,13 @@ class Table(StrEnum):
     BENCHMARK_RUNS = "benchmark_runs"  # one partition per benchmark run
     QUESTION_DUPLICATES = "question_duplicates"  # one partition, written by the report
     JUDGEMENTS = "judgements"  # one partition per judged_sample run
+    MODEL_COMPARISON = "model_comparison"  # one partition, written by `qa-pipeline compare`
 
 
 # The tables of each document, one partition per document (partition key = the `document` column).
 PARTITIONED_TABLES = (Table.CHUNKS, Table.QA_PAIRS, Table.FAILURES, Table.PAIR_SCORES)
+# Tables kept apart per named model (see `DataLayout.for_model`); chunks and the test sample are shared.
+MODEL_TABLES = (Table.QA_PAIRS, Table.FAILURES, Table.PAIR_SCORES, Table.BENCHMARK_RUNS)
 
 
 def safe_file_stem(key: str) -> str:
@@ -43,6 +47,18 @@ class DataLayout:
     sources_override: Path | None = None
     # Read files that links in the sources folder lead to outside it (QA_PIPELINE_FOLLOW_EXTERNAL_SYMLINKS).
     follow_external_symlinks: bool = False
+    # A named model (QA_PIPELINE_MODELS_FILE): its MODEL_TABLES and journals live in folders of their own,
+    # so its outputs and cached answers never replace another model's. None: the configured generator.
+    model: str | None = None
+
+    def for_model(self, model: str | None) -> DataLayout:
+        """The same data root, seen from one named model (None: the default generator's files)."""
+        return dataclasses.replace(self, model=model)
+
+    def named_models(self) -> list[str]:
+        """The named models that have outputs under this data root."""
+        folder = self.outputs_dir / "models"
+        return sorted(path.name for path in folder.iterdir() if path.is_dir()) if folder.exists() else []
 
     @classmethod
     def from_env(cls, data_dir: str | Path | None = None, sources_dir: str | Path | None = None) -> DataLayout:
@@ -89,13 +105,16 @@ class DataLayout:
         return self.root / "outputs"
 
     def table_dir(self, table: str) -> Path:
+        if self.model is not None and table in MODEL_TABLES:
+            return self.outputs_dir / "models" / self.model / table
         return self.outputs_dir / table
 
     def partition_file(self, table: str, document: str) -> Path:
         return self.table_dir(table) / f"{safe_file_stem(document)}.parquet"
 
     def journal_file(self, document: str) -> Path:
-        return self.root / "journal" / f"{safe_file_stem(document)}.jsonl"
+        folder = self.root / "journal" if self.model is None else self.root / "journal" / "models" / self.model
+        return folder / f"{safe_file_stem(document)}.jsonl"
 
     @property
     def sources_registry_file(self) -> Path:

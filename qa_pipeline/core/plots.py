@@ -81,8 +81,13 @@ def plot_generation_telemetry(samples: Sequence[TelemetrySample], title: str = "
     cache.set_ylabel("KV cache %")
     cache.set_ylim(0, 100)
     cache.set_xlabel("seconds since the first request")
-    fig.tight_layout()
+    return png_bytes(plt, fig)
+
+
+def png_bytes(plt, figure) -> bytes:
+    """A finished matplotlib figure as PNG bytes; the figure is closed."""
+    figure.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
     return buffer.getvalue()

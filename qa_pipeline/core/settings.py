@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "QA_PIPELINE_"
@@ -141,6 +141,90 @@ class LLMSettings(_Group):
         return not self.llm_base_url
 
 
+class ModelsSettings(_Group):
+    """Where the named models to compare are configured (see `ModelConfig`)."""
+
+    models_file: Path | None = Field(
+        None, description="TOML file of named models to compare (default: DATA_DIR/models.toml, if present)"
+    )
+
+    @field_validator("models_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
+# A model's name is a Dagster partition key and a folder name: letters, digits, '.', '_', '-'.
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ModelConfig(BaseModel):
+    """One named model of a comparison: where it is served, under which name, with which sampling."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=MODEL_NAME, description="the name runs and tables use (a partition key)")
+    base_url: str | None = Field(None, description="one or more base URLs, comma-separated (default: QA_PIPELINE_LLM_BASE_URL)")
+    served_name: str | None = Field(None, description="the model id the server lists in /v1/models (default: name)")
+    temperature: float | None = Field(None, ge=0, description="sampling temperature (default: the run's)")
+    max_tokens: PositiveInt | None = Field(None, description="output budget per request (default: the run's)")
+    engine: Literal["served", "offline"] = Field(
+        "served", description="served: requests to base_url; offline: batch files run by batch_command"
+    )
+    batch_command: str = Field("vllm run-batch", description="offline: run as `COMMAND -i IN -o OUT --model NAME`")
+    requests_per_file: PositiveInt = Field(
+        500, description="offline: requests per batch file; each file's results are kept as soon as it finishes"
+    )
+
+    @property
+    def model(self) -> str:
+        return self.served_name or self.name
+
+
+def model_config(data_dir: Path, name: str) -> ModelConfig:
+    """The named model's configuration; an error naming the models file and its models when it has none."""
+    models = load_models(data_dir)
+    if name not in models:
+        where = ModelsSettings.load().models_file or Path(data_dir) / "models.toml"
+        known = ", ".join(models) or "none"
+        raise SettingsError(
+            f"no model named {name!r} in {where} (it names: {known}); add a [models.{name}] table with its base_url"
+        )
+    return models[name]
+
+
+def load_models(data_dir: Path, settings: ModelsSettings | None = None) -> dict[str, ModelConfig]:
+    """The named models, by name, from QA_PIPELINE_MODELS_FILE (or DATA_DIR/models.toml when it exists).
+
+    The file has one table per model: `[models.NAME]` with `base_url`, `served_name`, `temperature`,
+    `max_tokens`. No file: no named model (the run uses QA_PIPELINE_LLM_* as always).
+    """
+    import tomllib
+
+    settings = settings or ModelsSettings.load()
+    path = (settings.models_file or Path(data_dir) / "models.toml").expanduser()
+    if settings.models_file is None and not path.exists():
+        return {}
+    where = f"{path} ({ModelsSettings.variable('models_file')})"
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"the models file {where} does not exist; create it or unset the variable") from None
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise SettingsError(f"cannot read the models file {where}: {error}") from None
+    tables = document.get("models")
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise SettingsError(f"the models file {where} needs one table per model: [models.NAME] with base_url = ...")
+    models = {}
+    for name, table in tables.items():
+        try:
+            models[name] = ModelConfig(name=name, **table)
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {e['msg'].lower()}" for e in error.errors())
+            raise SettingsError(f"model {name!r} in {path}: {problems}") from None
+    return models
+
+
 class RunSettings(_Group):
     """How runs are cut and scheduled."""
 
@@ -169,7 +253,7 @@ class RunSettings(_Group):
 def documented_variables() -> list[tuple[str, str, str]]:
     """(variable, default, meaning) of every setting, for README's table and `qa-pipeline settings`."""
     rows = []
-    for group in (StorageSettings, LLMSettings, RunSettings):
+    for group in (StorageSettings, LLMSettings, ModelsSettings, RunSettings):
         for name, field in group.model_fields.items():
             description = field.description or next(
                 (c.description for c in field.metadata if getattr(c, "description", None)), ""

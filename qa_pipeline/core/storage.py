@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from qa_pipeline.core.chunking import CHUNK_SCHEMA
 from qa_pipeline.core.documents import FileStamp
-from qa_pipeline.core.layout import PARTITIONED_TABLES, DataLayout, Table, safe_file_stem
+from qa_pipeline.core.layout import MODEL_TABLES, PARTITIONED_TABLES, DataLayout, Table, safe_file_stem
 from qa_pipeline.core.table_files import Compaction, TableFiles
 from qa_pipeline.core.prompts import QAPair
 
@@ -152,6 +152,32 @@ JUDGEMENTS_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+# One row per model: `qa-pipeline compare` and the `model_comparison` asset (core/comparison.py).
+COMPARISON_SCHEMA: dict[str, pl.DataType] = {
+    "model": pl.String(),
+    "served_model": pl.String(),
+    "chunks": pl.Int64(),  # the chunks every compared model was asked about
+    "success_rate": pl.Float64(),
+    "failures_by_reason": pl.String(),
+    "recommended_concurrency": pl.Int32(),
+    "output_tokens_per_s": pl.Float64(),  # at the recommended concurrency (its benchmark)
+    "chunks_per_s": pl.Float64(),
+    "latency_p50_s": pl.Float64(),
+    "latency_p95_s": pl.Float64(),
+    "pairs": pl.Int64(),
+    "accepted_pairs": pl.Int64(),  # grounded, not a refusal, not a duplicate
+    "tokens_per_accepted_pair": pl.Float64(),
+    "server_s_per_1000_accepted": pl.Float64(),
+    "groundedness_mean": pl.Float64(),
+    "groundedness_p10": pl.Float64(),
+    "refusal_share": pl.Float64(),
+    "duplicate_share": pl.Float64(),
+    "type_balance": pl.Float64(),
+    "judged": pl.Int64(),
+    "judge_a_share": pl.Float64(),
+}
+
+
 # Every table's columns, by table: the views, the writers and the readers use these.
 TABLE_SCHEMAS: dict[Table, dict[str, pl.DataType]] = {
     Table.CHUNKS: CHUNK_SCHEMA,
@@ -161,6 +187,7 @@ TABLE_SCHEMAS: dict[Table, dict[str, pl.DataType]] = {
     Table.PAIR_SCORES: PAIR_SCORES_SCHEMA,
     Table.QUESTION_DUPLICATES: QUESTION_DUPLICATES_SCHEMA,
     Table.JUDGEMENTS: JUDGEMENTS_SCHEMA,
+    Table.MODEL_COMPARISON: COMPARISON_SCHEMA,
 }
 
 
@@ -618,9 +645,9 @@ class Storage:
         """
         trash_of = lambda: trash or self.new_trash_folder()  # noqa: E731
         stem, moved = safe_file_stem(document), False
-        for table in PARTITIONED_TABLES:
-            files = self._files(table)
-            path = self.layout.partition_file(table, document)
+        for storage, table in self._document_tables():
+            files = storage._files(table)
+            path = storage.layout.partition_file(table, document)
             if not files.directory.is_dir():
                 continue
             with files.writing():
@@ -637,17 +664,32 @@ class Storage:
                 # folder first, so the marker keeps the document out of the segment it is writing.
                 if files.compacted_dir.exists():
                     _write_bytes_atomic(document.encode("utf-8"), files.deleted_marker(stem))
-        journal = self.layout.journal_file(document)
-        if journal.exists():
-            trash = trash_of()
-            _move(journal, trash / journal.relative_to(self.layout.root))
-            moved = True
+        for journal in dict.fromkeys(storage.layout.journal_file(document) for storage in self._model_storages()):
+            if journal.exists():
+                trash = trash_of()
+                _move(journal, trash / journal.relative_to(self.layout.root))
+                moved = True
         return trash if moved else None
 
+    def _model_storages(self) -> list[Storage]:
+        """This storage and, seen from the default generator's layout, one per named model with outputs."""
+        if self.layout.model is not None:
+            return [self]
+        return [self, *(Storage(self.layout.for_model(model)) for model in self.layout.named_models())]
+
+    def _document_tables(self) -> list[tuple[Storage, Table]]:
+        """Each folder of a document table once: the shared ones, and each named model's own."""
+        return [
+            (storage, table)
+            for storage in self._model_storages()
+            for table in PARTITIONED_TABLES
+            if storage is self or table in MODEL_TABLES
+        ]
+
     def compact(self, min_documents: int = 1) -> list[Compaction]:
-        """Folds the per-document files of every document table into compacted segments, for each
-        table with at least `min_documents` written or deleted since its last compaction."""
-        done = [self._files(table).compact(min_documents) for table in PARTITIONED_TABLES]
+        """Folds the per-document files of every document table (each named model's too) into compacted
+        segments, for each table with at least `min_documents` written or deleted since its last compaction."""
+        done = [storage._files(table).compact(min_documents) for storage, table in self._document_tables()]
         return [compaction for compaction in done if compaction is not None]
 
     def new_trash_folder(self) -> Path:

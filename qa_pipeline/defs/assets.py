@@ -8,33 +8,37 @@ on its own; the others of the run are materialized.
 
 import asyncio
 import math
+from dataclasses import dataclass
 
 import dagster as dg
 import polars as pl
 
 from qa_pipeline.core import benchmark as bench
 from qa_pipeline.core import settings as defaults
-from qa_pipeline.core.settings import LLMSettings, RunSettings, SettingsError
+from qa_pipeline.core.client import LLMClient
+from qa_pipeline.core.settings import LLMSettings, ModelConfig, RunSettings, SettingsError
 from qa_pipeline.core.chunking import chunk_document, chunks_to_frame
 from qa_pipeline.core.concurrency import AdaptiveLimit, FixedLimit
 from qa_pipeline.core.documents import DocumentError, SourceFile, read_document
 from qa_pipeline.core.generation import ChunkTask, GenerationReport, GenerationSettings, Generator
+from qa_pipeline.core.offline import journal_results, run_offline, throughput_frame
 from qa_pipeline.core.plots import plot_generation_telemetry, telemetry_summary
 from qa_pipeline.core.prompts import DEFAULT_QUESTION_TYPES, PROMPT_VERSION
 from qa_pipeline.core.layout import Table
 from qa_pipeline.core.quality import refresh_pair_scores
 from qa_pipeline.core.report import build_report
 from qa_pipeline.core.sampling import stratified_sample
-from qa_pipeline.core.storage import COMPACT_AFTER_DOCUMENTS, ChunkResult
+from qa_pipeline.core.storage import COMPACT_AFTER_DOCUMENTS, ChunkResult, Storage
 from qa_pipeline.defs.checks import (
     CHECK_SPECS,
+    CHECK_SPECS_BY_MODEL,
     QualityChecksConfig,
     blocking_failures,
     check_evaluations,
     document_verdicts,
 )
-from qa_pipeline.defs.partitions import documents
-from qa_pipeline.defs.resources import LLMResource, StorageResource
+from qa_pipeline.defs.partitions import documents, documents_by_model, models, split_model_partition_key
+from qa_pipeline.defs.resources import LLMResource, ModelsResource, StorageResource
 
 _DATA_VERSION_TAG = "dagster/data_version"
 
@@ -227,18 +231,40 @@ async def concurrency_benchmark(
     context: dg.AssetExecutionContext, config: BenchmarkConfig, llm: LLMResource, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Sweeps concurrency levels on the test sample; recommends the level `qa_pairs` uses."""
-    sample = storage.storage.read_test_sample()
-    settings = config.settings()
+    return await _benchmark(context, config, llm.client, storage.storage, config.settings(), "concurrency_benchmark")
+
+
+@dg.asset(
+    deps=[test_sample], partitions_def=models, pool="llm_server", kinds={"parquet"}, group_name="models"
+)
+async def model_concurrency_benchmark(
+    context: dg.AssetExecutionContext, config: BenchmarkConfig, models: ModelsResource, storage: StorageResource
+) -> dg.MaterializeResult:
+    """The concurrency sweep of one named model on its own endpoint(s); `qa_pairs_by_model` uses its level."""
+    model = _named_model(models, context.partition_key)
+    async with models.client(model) as client:
+        scoped = Storage(storage.layout.for_model(model.name))
+        settings = _model_settings(config.settings(), model)
+        return await _benchmark(context, config, client, scoped, settings, f"concurrency_benchmark-{model.name}")
+
+
+async def _benchmark(
+    context: dg.AssetExecutionContext,
+    config: BenchmarkConfig,
+    client: LLMClient,
+    storage: Storage,
+    settings: GenerationSettings,
+    plot_name: str,
+) -> dg.MaterializeResult:
+    sample = storage.read_test_sample()
     prompts = [settings.messages(row["content"], row["heading_path"]) for row in sample.iter_rows(named=True)]
     results = await bench.sweep(
-        llm.client, prompts, config.levels, settings, config.max_seconds_per_level, log=context.log.info
+        client, prompts, config.levels, settings, config.max_seconds_per_level, log=context.log.info
     )
     recommended = bench.recommend_level(results, tolerance=config.tolerance)
-    frame = bench.results_frame(
-        results, context.run_id, llm.client.model or "", llm.client.endpoints[0].base_url, recommended
-    )
-    storage.storage.write_partition(Table.BENCHMARK_RUNS, context.run_id, frame)
-    plot = storage.storage.write_plot("concurrency_benchmark.png", bench.plot_sweep(frame))
+    frame = bench.results_frame(results, context.run_id, client.model or "", client.endpoints[0].base_url, recommended)
+    storage.write_partition(Table.BENCHMARK_RUNS, context.run_id, frame)
+    plot = storage.write_plot(f"{plot_name}.png", bench.plot_sweep(frame))
     table = frame.select(
         "concurrency", "requests_per_s", "output_tokens_per_s", "success_rate",
         "latency_p50_s", "latency_p95_s", "latency_p99_s",
@@ -292,17 +318,119 @@ async def qa_pairs(
 async def _generate_qa_pairs(
     context: dg.AssetExecutionContext, config: QAPairsConfig, llm: LLMResource, storage: StorageResource
 ) -> dg.MaterializeResult:
-    documents_in_run = context.partition_keys
-    tasks, missing = _chunk_tasks(documents_in_run, storage)
-    limiter = _concurrency_limit(context, config, storage)
+    keys = context.partition_keys
+    published = await _generate(
+        context, config, config.settings(), llm.client, storage.storage, {key: key for key in keys},
+        context.asset_key, config.stall_timeout_s or llm.stall_timeout_s,
+    )
+    return _finish(context, published)
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            "qa_pairs_by_model",
+            partitions_def=documents_by_model,
+            deps=[chunks, model_concurrency_benchmark],
+            code_version=PROMPT_VERSION,
+            kinds={"parquet"},
+            group_name="models",
+            description=(
+                "QA pairs of each document from each named model (QA_PIPELINE_MODELS_FILE), kept apart per "
+                "model for `model_comparison`; adding a model is adding a key to the `models` dimension."
+            ),
+        )
+    ],
+    check_specs=CHECK_SPECS_BY_MODEL,
+    can_subset=True,
+    pool="llm_server",
+    backfill_policy=DEFAULT_BACKFILL_POLICY,
+)
+async def qa_pairs_by_model(
+    context: dg.AssetExecutionContext, config: QAPairsConfig, models: ModelsResource, storage: StorageResource
+):  # no return annotation: with check outputs, Dagster would read it as one per output
+    """`qa_pairs` for named models: the run's documents through one work queue per model, each model's
+    tables, journal and checks of its own, so a second model never replaces the first one's answers."""
+    by_model: dict[str, dict[str, str]] = {}
+    for key in context.partition_keys:
+        document, model = split_model_partition_key(key)
+        by_model.setdefault(model, {})[document] = key
+    published = []
+    for name, keys in by_model.items():
+        model = _named_model(models, name)
+        if model.engine == "offline":
+            published.append(await asyncio.to_thread(
+                _generate_offline, context, config, _model_settings(config.settings(), model), model,
+                Storage(storage.layout.for_model(model.name)), keys, context.asset_key,
+            ))
+            continue
+        async with models.client(model) as client:
+            published.append(await _generate(
+                context, config, _model_settings(config.settings(), model), client,
+                Storage(storage.layout.for_model(model.name)), keys, context.asset_key,
+                config.stall_timeout_s or models.stall_timeout_s,
+            ))
+    yield _finish(context, _Published.merge(published))
+
+
+def _named_model(models: ModelsResource, name: str) -> ModelConfig:
+    try:
+        return models.named(name)
+    except SettingsError as error:
+        raise dg.Failure(str(error)) from None
+
+
+def _model_settings(settings: GenerationSettings, model: ModelConfig) -> GenerationSettings:
+    """The run's generation settings with the named model's own sampling on top."""
+    own = {"temperature": model.temperature, "max_tokens": model.max_tokens}
+    return settings.model_copy(update={key: value for key, value in own.items() if value is not None})
+
+
+@dataclass
+class _Published:
+    """What a generation step published, by partition key: metadata, failures, blocked checks, run figures."""
+
+    outcomes: dict[str, dict]
+    failed: dict[str, str]
+    blocked: dict[str, list[str]]
+    totals: dict
+    run_metadata: dict
+
+    @classmethod
+    def merge(cls, parts: list["_Published"]) -> "_Published":
+        if len(parts) == 1:
+            return parts[0]
+        totals = {key: sum(part.totals[key] for part in parts) for key in parts[0].totals}
+        return cls(
+            outcomes={k: v for part in parts for k, v in part.outcomes.items()},
+            failed={k: v for part in parts for k, v in part.failed.items()},
+            blocked={k: v for part in parts for k, v in part.blocked.items()},
+            totals=totals,
+            run_metadata={},  # per model: in each model's log lines and throughput plot
+        )
+
+
+async def _generate(
+    context: dg.AssetExecutionContext,
+    config: QAPairsConfig,
+    settings: GenerationSettings,
+    client: LLMClient,
+    storage: Storage,
+    keys: dict[str, str],
+    asset: dg.AssetKey,
+    stall_timeout_s: float,
+) -> _Published:
+    """Generates the QA pairs of `keys` (document → partition key) and publishes each document as it is done."""
+    tasks, missing = _chunk_tasks(list(keys), storage)
+    limiter = _concurrency_limit(context, config, storage, client)
     generator = Generator(
-        llm.client,
+        client,
         storage.layout,
-        config.settings(),
+        settings,
         limiter,
         log=context.log.info,
         progress_interval_s=config.progress_interval_s,
-        stall_timeout_s=config.stall_timeout_s or llm.stall_timeout_s,
+        stall_timeout_s=stall_timeout_s,
         force=config.force_regenerate,
     )
     thresholds = config.checks.thresholds()
@@ -310,7 +438,7 @@ async def _generate_qa_pairs(
 
     def record(document: str, outcome: tuple[dict, str | None, list]) -> None:
         published[document] = outcome
-        for evaluation in check_evaluations(document, outcome[2]):
+        for evaluation in check_evaluations(keys[document], outcome[2], asset):
             context.log_event(evaluation)
 
     async def publish(document: str, results: list[ChunkResult]) -> None:
@@ -321,45 +449,94 @@ async def _generate_qa_pairs(
         ))
 
     report = await generator.run(tasks, on_document_done=publish) if tasks else GenerationReport(results={})
-    for document in documents_in_run:
+    for document in keys:
         if document not in missing and document not in published:  # a chunks table without rows
             record(document, _publish_document(document, [], storage, config.failure_threshold, thresholds))
 
-    failed = {document: "no chunks: materialize `chunks` for this partition first" for document in missing}
+    return _collect(keys, missing, published, _run_metadata(context, report, limiter, storage))
+
+
+def _collect(
+    keys: dict[str, str], missing: list[str], published: dict[str, tuple[dict, str | None, list]], run_metadata: dict
+) -> _Published:
+    """The published documents' outcomes by partition key: materialized, failed, or blocked by a check."""
+    failed = {keys[document]: "no chunks: materialize `chunks` for this partition first" for document in missing}
     blocked = {}
     for document, (_, failure, verdicts) in published.items():
         if failure is not None:
-            failed[document] = failure
+            failed[keys[document]] = failure
         elif names := blocking_failures(verdicts):
-            blocked[document] = names
-    outcomes = {document: metadata for document, (metadata, failure, _) in published.items() if failure is None}
+            blocked[keys[document]] = names
+    outcomes = {keys[document]: metadata for document, (metadata, failure, _) in published.items() if failure is None}
     totals = {
         "rows_in_run": sum(m["dagster/partition_row_count"] for m, _, _ in published.values()),
         "chunks": sum(m["chunks"] for m, _, _ in published.values()),
         "chunks_failed": sum(m["chunks_failed"] for m, _, _ in published.values()),
     }
-    run_metadata = _run_metadata(context, report, limiter, storage)
+    return _Published(outcomes, failed, blocked, totals, run_metadata)
+
+
+def _generate_offline(
+    context: dg.AssetExecutionContext,
+    config: QAPairsConfig,
+    settings: GenerationSettings,
+    model: ModelConfig,
+    storage: Storage,
+    keys: dict[str, str],
+    asset: dg.AssetKey,
+) -> _Published:
+    """The offline engine: what the model's journal lacks goes through its batch command (log streamed),
+    each file's results are imported into the journal, then every document is published as online."""
+    tasks, missing = _chunk_tasks(list(keys), storage)
+    documents_with_chunks = [document for document in keys if document not in missing]
+    report = run_offline(
+        storage, documents_with_chunks, model.model, settings, model.batch_command, model.requests_per_file,
+        context.run_id, log=context.log.info,
+    )
+    if report.requests:
+        storage.write_partition(
+            Table.BENCHMARK_RUNS, f"offline-{context.run_id}", throughput_frame(report, context.run_id, model.model, model.batch_command)
+        )
+    thresholds = config.checks.thresholds()
+    published = {}
+    for document, results in journal_results(storage, tasks, model.model, settings).items():
+        published[document] = _publish_document(document, results, storage, config.failure_threshold, thresholds)
+        for evaluation in check_evaluations(keys[document], published[document][2], asset):
+            context.log_event(evaluation)
+    run_metadata = {
+        "requests_sent": report.requests,
+        "chunks_from_cache": report.already_done,
+        "output_tokens_per_s": report.output_tokens_per_s or 0.0,
+        "duration_s": report.duration_s,
+    }
+    return _collect(keys, missing, published, run_metadata)
+
+
+def _finish(context: dg.AssetExecutionContext, published: _Published) -> dg.MaterializeResult:
+    """The step's result: materialized, or failed for the documents that failed (or whose blocking checks did)."""
+    keys = context.partition_keys
+    outcomes, failed, blocked, totals, run_metadata = (
+        published.outcomes, published.failed, published.blocked, published.totals, published.run_metadata
+    )
     if blocked and not failed:
         # Materialized, but what depends on it must wait: the same as a failed blocking check.
-        single = run_metadata if len(documents_in_run) == 1 else {}
-        for document, metadata in outcomes.items():
+        single = run_metadata if len(keys) == 1 else {}
+        for key, metadata in outcomes.items():
             context.log_event(
-                dg.AssetMaterialization(asset_key=context.asset_key, partition=document, metadata={**metadata, **single})
+                dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata={**metadata, **single})
             )
-        listed = "; ".join(f"{document}: {', '.join(names)}" for document, names in sorted(blocked.items())[:10])
+        listed = "; ".join(f"{key}: {', '.join(names)}" for key, names in sorted(blocked.items())[:10])
         raise dg.Failure(
             description=(
-                f"blocking checks failed for {len(blocked)} of {len(documents_in_run)} documents ({listed}"
+                f"blocking checks failed for {len(blocked)} of {len(keys)} documents ({listed}"
                 f"{'; ...' if len(blocked) > 10 else ''}). Their QA pairs are saved; assets downstream wait."
             ),
-            metadata={"documents": len(documents_in_run), **totals, **run_metadata},
+            metadata={"documents": len(keys), **totals, **run_metadata},
         )
     return _partitions_result(context, outcomes, failed, totals, run_metadata)
 
 
-def _run_metadata(
-    context: dg.AssetExecutionContext, report: GenerationReport, limiter, storage: StorageResource
-) -> dict:
+def _run_metadata(context: dg.AssetExecutionContext, report: GenerationReport, limiter, storage: Storage) -> dict:
     """The run's throughput figures; its plot is a file, linked (a picture per run would bloat the event log)."""
     metadata = {
         "requests_sent": report.sent,
@@ -372,16 +549,18 @@ def _run_metadata(
     if len(report.telemetry) > 1:
         keys = context.partition_keys
         title = f"qa_pairs {keys[0]}" if len(keys) == 1 else f"qa_pairs ({len(keys)} documents)"
-        path = storage.storage.write_plot(f"runs/qa_pairs-{context.run_id}.png", plot_generation_telemetry(report.telemetry, title))
+        model = f"-{storage.layout.model}" if storage.layout.model else ""
+        plot = plot_generation_telemetry(report.telemetry, title)
+        path = storage.write_plot(f"runs/qa_pairs-{context.run_id}{model}.png", plot)
         metadata["throughput_plot"] = dg.MetadataValue.path(str(path))
     return metadata
 
 
-def _chunk_tasks(documents_in_run: list[str], storage: StorageResource) -> tuple[list[ChunkTask], list[str]]:
+def _chunk_tasks(documents_in_run: list[str], storage: Storage) -> tuple[list[ChunkTask], list[str]]:
     """The chunks to ask about, and the documents that have no chunks yet."""
     tasks, missing = [], []
     for document in documents_in_run:
-        chunk_frame = storage.storage.read_partition(Table.CHUNKS, document)
+        chunk_frame = storage.read_partition(Table.CHUNKS, document)
         if chunk_frame is None:
             missing.append(document)
             continue
@@ -393,10 +572,10 @@ def _chunk_tasks(documents_in_run: list[str], storage: StorageResource) -> tuple
 
 
 def _publish_document(
-    document: str, results: list[ChunkResult], storage: StorageResource, failure_threshold: float, thresholds
+    document: str, results: list[ChunkResult], storage: Storage, failure_threshold: float, thresholds
 ) -> tuple[dict, str | None, list]:
     """Writes one document's tables and scores them; its metadata, why it fails (or None), its check verdicts."""
-    published = storage.storage.publish_document(document, results)
+    published = storage.publish_document(document, results)
     verdicts = document_verdicts(published, thresholds)
     pairs, failures, failure_rate = published.pairs, published.failures, published.failure_rate
     metadata = {
@@ -459,12 +638,13 @@ def quality_report(context: dg.AssetExecutionContext, storage: StorageResource) 
 
 
 def _concurrency_limit(
-    context: dg.AssetExecutionContext, config: QAPairsConfig, storage: StorageResource
+    context: dg.AssetExecutionContext, config: QAPairsConfig, storage: Storage, client: LLMClient
 ) -> FixedLimit | AdaptiveLimit:
-    """The configured level, else the benchmark's recommendation, else a limit that adapts to the server."""
+    """The configured level, else the benchmark's recommendation for this model and endpoint, else a limit
+    that adapts to the server."""
     if config.adaptive_concurrency:
         return AdaptiveLimit(max_limit=config.max_concurrency)
-    level = config.concurrency or bench.latest_recommendation(storage.storage)
+    level = config.concurrency or bench.latest_recommendation(storage, client.model, client.endpoints[0].base_url)
     if level is None:
         context.log.warning(
             "no concurrency benchmark yet and no concurrency configured: adapting to the server's load "
@@ -520,6 +700,8 @@ def assets_definitions() -> dg.Definitions:
             test_sample,
             concurrency_benchmark,
             generated.with_attributes(backfill_policy=policy),
+            model_concurrency_benchmark,
+            qa_pairs_by_model.with_attributes(backfill_policy=policy),
             quality_report,
         ]
     )

@@ -19,7 +19,7 @@ from qa_pipeline.core.quality import (
     summarize,
 )
 from qa_pipeline.core.storage import PublishedDocument
-from qa_pipeline.defs.partitions import documents
+from qa_pipeline.defs.partitions import documents, documents_by_model
 
 _DEFAULTS = QualityThresholds()
 _ERROR, _WARN = dg.AssetCheckSeverity.ERROR, dg.AssetCheckSeverity.WARN
@@ -48,10 +48,17 @@ CHECKS = {
     ),
 }
 
-CHECK_SPECS = [
-    dg.AssetCheckSpec(name, asset=QA_PAIRS, partitions_def=documents, blocking=blocking, description=description)
-    for name, (_, _, blocking, description) in CHECKS.items()
-]
+def check_specs(asset: dg.AssetKey, partitions_def: dg.PartitionsDefinition) -> list[dg.AssetCheckSpec]:
+    """The checks of a QA pairs asset (`qa_pairs`, or `qa_pairs_by_model` per document and model)."""
+    return [
+        dg.AssetCheckSpec(name, asset=asset, partitions_def=partitions_def, blocking=blocking, description=description)
+        for name, (_, _, blocking, description) in CHECKS.items()
+    ]
+
+
+CHECK_SPECS = check_specs(QA_PAIRS, documents)
+QA_PAIRS_BY_MODEL = dg.AssetKey("qa_pairs_by_model")
+CHECK_SPECS_BY_MODEL = check_specs(QA_PAIRS_BY_MODEL, documents_by_model)
 
 
 class QualityChecksConfig(dg.Config):
@@ -76,19 +83,21 @@ def document_verdicts(published: PublishedDocument, thresholds: QualityThreshold
     return [verdict_of(quality, thresholds) for verdict_of, _, _, _ in CHECKS.values()]
 
 
-def check_evaluations(document: str, verdicts: Iterable[Verdict]) -> list[dg.AssetCheckEvaluation]:
-    """The verdicts as Dagster check evaluations of the document's partition."""
+def check_evaluations(
+    partition: str, verdicts: Iterable[Verdict], asset: dg.AssetKey = QA_PAIRS
+) -> list[dg.AssetCheckEvaluation]:
+    """The verdicts as Dagster check evaluations of one partition (a document, or a document and model)."""
     evaluations = []
     for verdict in verdicts:
         _, severity, blocking, _ = CHECKS[verdict.check]
         evaluations.append(
             dg.AssetCheckEvaluation(
-                asset_key=QA_PAIRS,
+                asset_key=asset,
                 check_name=verdict.check,
                 passed=verdict.passed,
                 severity=severity,
                 blocking=blocking,
-                partition=document,
+                partition=partition,
                 description=verdict.description,
                 metadata={key: value for key, value in verdict.metadata.items() if value is not None},
             )

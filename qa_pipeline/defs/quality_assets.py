@@ -1,12 +1,14 @@
 """Optional quality assets: `judged_sample`, an LLM-as-judge over a seeded sample of QA pairs, with the
-`judge` resource (QA_PIPELINE_JUDGE_BASE_URL / QA_PIPELINE_JUDGE_MODEL, else the generator's server)."""
+`judge` resource (QA_PIPELINE_JUDGE_BASE_URL / QA_PIPELINE_JUDGE_MODEL, else the generator's server);
+`model_comparison`, the models side by side."""
 
 import dagster as dg
 
 from qa_pipeline.core import judge as judging
+from qa_pipeline.core.comparison import plot_comparison, record_comparison
 from qa_pipeline.core.layout import Table
 from qa_pipeline.core.quality import QualityThresholds, refresh_pair_scores
-from qa_pipeline.defs.assets import qa_pairs, table_metadata
+from qa_pipeline.defs.assets import qa_pairs, qa_pairs_by_model, table_metadata
 from qa_pipeline.defs.resources import LLMResource, StorageResource
 
 
@@ -49,7 +51,26 @@ async def judged_sample(
     )
 
 
+@dg.asset(deps=[qa_pairs, qa_pairs_by_model], kinds={"duckdb"}, group_name="models")
+def model_comparison(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    """Each model on the same chunks: success rate and failure reasons, output tok/s and chunks/s at its
+    recommended concurrency, latency, tokens and server time per accepted pair, groundedness, refusals,
+    duplicates, question-type balance, judge grades; the rows of the `model_comparison` view."""
+    comparison, _ = record_comparison(storage.layout)
+    if comparison.height == 0:
+        raise dg.Failure("no model has QA pairs yet: materialize qa_pairs or qa_pairs_by_model first")
+    path = storage.storage.write_plot("model_comparison.png", plot_comparison(comparison))
+    return dg.MaterializeResult(
+        metadata={
+            "models": comparison.height,
+            "chunks": int(comparison["chunks"].max()),
+            "comparison": table_metadata(comparison),
+            "plot": dg.MetadataValue.path(str(path)),
+        }
+    )
+
+
 @dg.definitions
 def quality_definitions() -> dg.Definitions:
     """The judge resource is defined with the others (defs/resources.py)."""
-    return dg.Definitions(assets=[judged_sample])
+    return dg.Definitions(assets=[judged_sample, model_comparison])

@@ -11,7 +11,14 @@ from pydantic import PrivateAttr
 from qa_pipeline.core import settings as defaults
 from qa_pipeline.core.client import ClientConfig, LLMClient
 from qa_pipeline.core.layout import DataLayout
-from qa_pipeline.core.settings import LLMSettings, SettingsError, StorageSettings, secret_from_environment
+from qa_pipeline.core.settings import (
+    LLMSettings,
+    ModelConfig,
+    SettingsError,
+    StorageSettings,
+    model_config,
+    secret_from_environment,
+)
 from qa_pipeline.core.storage import Storage
 
 API_KEY_ENV = LLMSettings.variable("llm_api_key")
@@ -118,6 +125,37 @@ class LLMResource(dg.ConfigurableResource):
         return self._client
 
 
+class ModelsResource(LLMResource):
+    """Clients for the named models of QA_PIPELINE_MODELS_FILE, each opened when a run needs it.
+
+    Endpoints default to the generator's (QA_PIPELINE_LLM_BASE_URL); the key, timeouts and retries
+    are the generator's. Nothing is opened when the run starts: a run of one model does not reach
+    the others' servers, nor start the embedded one.
+    """
+
+    @asynccontextmanager
+    async def yield_for_execution(self, context: dg.InitResourceContext) -> AsyncIterator["ModelsResource"]:
+        yield self
+
+    def named(self, name: str) -> ModelConfig:
+        return model_config(DataLayout.from_env(self.data_dir).root, name)
+
+    @asynccontextmanager
+    async def client(self, model: ModelConfig) -> AsyncIterator[LLMClient]:
+        """A client for one named model, its served name checked against each endpoint's /v1/models."""
+        base_url = model.base_url or self.base_url or LLMSettings.load().llm_base_url
+        if not base_url:
+            raise SettingsError(
+                f"model {model.name!r} has no base_url and QA_PIPELINE_LLM_BASE_URL is unset: "
+                "give it a base_url in the models file"
+            )
+        config = self.client_config(ClientConfig.parse_base_urls(base_url), model.model)
+        config.model_setting = f"served_name of [models.{model.name}] in the models file"
+        async with LLMClient(config) as client:
+            await client.resolve_model()
+            yield client
+
+
 @dg.definitions
 def resources() -> dg.Definitions:
     """The resources as the environment configures them (read when the code location loads)."""
@@ -128,10 +166,12 @@ def resources() -> dg.Definitions:
         judge = LLMResource.from_settings(llm, data_dir=str(layout.root), judge=True)
     except SettingsError as error:
         generator = judge = LLMResource(data_dir=str(layout.root), settings_error=str(error))
+    models = ModelsResource(**generator.model_dump(exclude_none=True))
     return dg.Definitions(
         resources={
             "llm": generator,
             "judge": judge,
+            "models": models,
             "storage": StorageResource(data_dir=str(layout.root), sources_dir=str(layout.sources_dir)),
         }
     )

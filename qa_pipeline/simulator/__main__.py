@@ -18,12 +18,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             prog="python -m qa_pipeline.simulator batch",
             description="Answer a batch input file (JSONL) into a batch output file, as `vllm run-batch` does.",
         )
-        batch.add_argument("input_file")
-        batch.add_argument("output_file")
+        # Positional IN OUT, or `vllm run-batch`'s own form: -i IN -o OUT --model NAME.
+        batch.add_argument("input_file", nargs="?")
+        batch.add_argument("output_file", nargs="?")
+        batch.add_argument("-i", "--input-file", dest="input_flag")
+        batch.add_argument("-o", "--output-file", dest="output_flag")
+        batch.add_argument("--model", help="a model name to serve too, as vllm run-batch --model")
         add_simulator_arguments(batch)
         args = batch.parse_args(argv[1:])
-        count = run_batch(args.input_file, args.output_file, config_from_args(args))
-        print(f"{count} requests answered into {args.output_file}")
+        input_file, output_file = args.input_flag or args.input_file, args.output_flag or args.output_file
+        if not input_file or not output_file:
+            batch.error("give the input and output files (IN OUT, or -i IN -o OUT)")
+        config = config_from_args(args)
+        if args.model and args.model not in config.served_model_name:
+            config = config.model_copy(update={"served_model_name": [*config.served_model_name, args.model]})
+        count = run_batch(input_file, output_file, config)
+        print(f"{count} requests answered into {output_file}")
         return
     parser = argparse.ArgumentParser(
         prog="python -m qa_pipeline.simulator",

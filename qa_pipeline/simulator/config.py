@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from enum import StrEnum
 from typing import Any
 
@@ -52,6 +53,21 @@ class FaultConfig(BaseModel):
         return self
 
 
+class ModelProfile(BaseModel):
+    """How one served model differs from the server's defaults: its own speed, faults and answer quality.
+    Each profiled model decodes on an engine of its own, as a model on its own GPU would."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_num_seqs: int | None = Field(None, ge=1)
+    step_base_ms: float | None = Field(None, ge=0)
+    step_per_seq_ms: float | None = Field(None, ge=0)
+    output_tokens_mean: float | None = Field(None, gt=0)
+    fault_rate: float | None = Field(None, ge=0.0, le=1.0)
+    fault_kinds: list[FaultKind] | None = None
+    ungrounded_rate: float | None = Field(None, ge=0.0, le=1.0)
+
+
 class SimulatorConfig(FaultConfig):
     """Every simulator option; the fault options are inherited so the CLI, this model and
     POST /simulator/faults share one set of names."""
@@ -79,6 +95,14 @@ class SimulatorConfig(FaultConfig):
         0.0, ge=0, le=1, description="share of evidence quotes made up: sentences the passage does not contain"
     )
     evidence_seed: int = Field(0, description="seed of the draws of each quote's kind")
+    ungrounded_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of answers made up from text that is not in the passage"
+    )
+    model_profiles: dict[str, ModelProfile] = Field(
+        default_factory=dict,
+        description="per served model, its own speed, faults and quality, as JSON: "
+        '{"NAME": {"step_base_ms": 20, "fault_rate": 0.1, "ungrounded_rate": 0.5}}; its names are served too',
+    )
 
     @model_validator(mode="after")
     def _output_range(self) -> SimulatorConfig:
@@ -87,6 +111,21 @@ class SimulatorConfig(FaultConfig):
                 f"output_tokens_min ({self.output_tokens_min}) is above output_tokens_max ({self.output_tokens_max})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _profiled_models_are_served(self) -> SimulatorConfig:
+        missing = [name for name in self.model_profiles if name not in self.served_model_name]
+        if missing:
+            self.served_model_name = [*self.served_model_name, *missing]
+        return self
+
+    def for_model(self, name: str) -> SimulatorConfig:
+        """The options one served model works with: the server's, with its profile's on top."""
+        profile = self.model_profiles.get(name)
+        if profile is None:
+            return self
+        update = {key: value for key, value in profile.model_dump().items() if value is not None}
+        return self.model_copy(update={**update, "model_profiles": {}})
 
     @property
     def instant(self) -> bool:
@@ -131,6 +170,7 @@ _OPTION_FORMS: dict[str, dict[str, Any]] = {
     "fault_kinds": {"action": "extend", "type": _fault_kinds, "metavar": "KIND[,KIND...]"},
     "fail_if_contains": {"action": "append", "metavar": "TEXT"},
     "api_key": {"metavar": "KEY"},
+    "model_profiles": {"type": json.loads, "metavar": "JSON"},
 }
 
 
@@ -164,6 +204,8 @@ def to_argv(config: SimulatorConfig) -> list[str]:
         option = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             argv += [option] if value else []
+        elif isinstance(value, dict):
+            argv.append(f"{option}={json.dumps(value)}")
         elif isinstance(value, list):
             argv += [f"{option}={item}" for item in value]
         elif value is not None:

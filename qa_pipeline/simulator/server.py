@@ -91,6 +91,15 @@ def _message_texts(messages: Any) -> list[str]:
     return parts
 
 
+@dataclass
+class _ProfiledModel:
+    """A served model with a profile of its own: its options, its engine, its fault draws."""
+
+    config: SimulatorConfig
+    engine: Engine
+    fault_random: random.Random
+
+
 class Simulator:
     """The request handlers and the state they share."""
 
@@ -98,6 +107,10 @@ class Simulator:
         self.config = config
         self.engine = Engine(config)
         self.models = set(config.served_model_name)
+        self.profiled = {
+            name: _ProfiledModel(config.for_model(name), Engine(config.for_model(name)), random.Random(config.fault_seed))
+            for name in config.model_profiles
+        }
         self.model_label = f'model_name="{_label_value(config.served_model_name[0])}"'
         self.stats = _Stats()
         self.success: Counter[str] = Counter({"stop": 0, "length": 0})
@@ -122,11 +135,14 @@ class Simulator:
         return app
 
     async def _engine_loop(self, app: web.Application):
-        task = asyncio.create_task(self.engine.run())
+        engines = [self.engine, *(model.engine for model in self.profiled.values())]
+        tasks = [asyncio.create_task(engine.run()) for engine in engines]
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _unauthorized(self, request: web.Request) -> web.Response | None:
         key = self.faults.api_key
@@ -210,21 +226,25 @@ class Simulator:
         if any(text in prompt for text in self.faults.fail_if_contains):
             self.stats.faults["fail_if_contains"] += 1
             return _error(500, "InternalServerError", "simulated failure: the prompt contains a fail_if_contains text")
-        fault = self._draw_fault()
+        profiled = self.profiled.get(model)
+        fault = self._draw_fault(profiled)
         if fault is not None:
             self.stats.faults[fault] += 1
             if (response := await self._http_fault(request, fault)) is not None:
                 return response
 
+        served = profiled.config if profiled else self.config
+        if _draw(prompt, "ungrounded") < served.ungrounded_rate:
+            passage = _UNGROUNDED_PASSAGE
         content, fenced = self._content(body.get("response_format"), passage)
-        drawn = self._output_tokens(prompt)
+        drawn = self._output_tokens(prompt, served)
         output_tokens = drawn
         if fault is FaultKind.TRUNCATE:
             drawn = max(drawn, 2)  # so that half of it is still a cut
             output_tokens = drawn // 2
         elif max_tokens is not None:
             output_tokens = min(drawn, max_tokens)
-        await self.engine.generate(prompt_tokens, output_tokens)
+        await (profiled.engine if profiled else self.engine).generate(prompt_tokens, output_tokens)
 
         if fault is FaultKind.MALFORMED:
             content = "Sure! " + content.replace('"', "'")
@@ -239,10 +259,10 @@ class Simulator:
             finish_reason = "length"
         return self._completion(model, content, finish_reason, prompt_tokens, output_tokens)
 
-    def _draw_fault(self) -> FaultKind | None:
-        faults = self.faults
-        if faults.fault_rate and self.fault_random.random() < faults.fault_rate:
-            return self.fault_random.choice(faults.fault_kinds)
+    def _draw_fault(self, profiled: _ProfiledModel | None = None) -> FaultKind | None:
+        faults, draws = (profiled.config, profiled.fault_random) if profiled else (self.faults, self.fault_random)
+        if faults.fault_rate and draws.random() < faults.fault_rate:
+            return draws.choice(faults.fault_kinds)
         return None
 
     async def _http_fault(self, request: web.Request, fault: FaultKind) -> web.StreamResponse | None:
@@ -292,9 +312,8 @@ class Simulator:
         self._recent_schemas = [(schema, key), *self._recent_schemas[:15]]
         return key
 
-    def _output_tokens(self, prompt: str) -> int:
+    def _output_tokens(self, prompt: str, config: SimulatorConfig) -> int:
         """A lognormal draw seeded by the prompt, so the same request always has the same length."""
-        config = self.config
         digest = hashlib.blake2b(prompt.encode("utf-8"), digest_size=16).digest()
         u1 = (int.from_bytes(digest[:8], "big") + 1) / 2**64
         u2 = int.from_bytes(digest[8:], "big") / 2**64
@@ -333,23 +352,26 @@ class Simulator:
         return web.Response(text=json.dumps(body, ensure_ascii=False), content_type="application/json")
 
     async def metrics(self, request: web.Request) -> web.Response:
-        engine, label = self.engine, self.model_label
-        ceiling = self.config.ceiling_output_tokens_per_s
+        label = self.model_label
+        # A profiled model's engine is read under its own model_name, as a second vLLM server would be.
+        engines = [(label, self.engine, self.config)] + [
+            (f'model_name="{_label_value(name)}"', model.engine, model.config) for name, model in self.profiled.items()
+        ]
         samples = [
             ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.",
-             [(label, len(engine.running))]),
+             [(labels, len(engine.running)) for labels, engine, _ in engines]),
             ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
-             [(label, len(engine.waiting))]),
+             [(labels, len(engine.waiting)) for labels, engine, _ in engines]),
             ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
-             [(label, engine.kv_cache_usage())]),
+             [(labels, engine.kv_cache_usage()) for labels, engine, _ in engines]),
             ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
-             [(label, engine.prompt_tokens_total)]),
+             [(labels, engine.prompt_tokens_total) for labels, engine, _ in engines]),
             ("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
-             [(label, engine.generation_tokens_total)]),
+             [(labels, engine.generation_tokens_total) for labels, engine, _ in engines]),
             ("vllm:request_success_total", "counter", "Count of successfully processed requests.",
              [(f'finished_reason="{reason}",{label}', count) for reason, count in self.success.items()]),
             ("simulator:ceiling_output_tokens_per_s", "gauge", "Output tokens per second with every slot busy.",
-             [(label, math.inf if ceiling is None else ceiling)]),
+             [(labels, _ceiling(config)) for labels, _, config in engines]),
         ]
         lines = []
         for name, kind, help_text, values in samples:
@@ -398,6 +420,24 @@ class Simulator:
         self.stats = _Stats()
         self.engine.reset_peaks()
         return web.json_response({"reset": True})
+
+
+# What an ungrounded answer is made of: text that no documentation passage contains.
+_UNGROUNDED_PASSAGE = (
+    "Zebras migrate across the Serengeti plains every spring. Ancient mariners navigated by the stars "
+    "above Polynesia. Saffron remains the costliest spice harvested by hand in Kashmir."
+)
+
+
+def _draw(prompt: str, purpose: str) -> float:
+    """A number in [0, 1) seeded by the prompt, so the same request always draws the same."""
+    digest = hashlib.blake2b(f"{purpose}\n{prompt}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def _ceiling(config: SimulatorConfig) -> float:
+    ceiling = config.ceiling_output_tokens_per_s
+    return math.inf if ceiling is None else ceiling
 
 
 def _label_value(text: str) -> str:
