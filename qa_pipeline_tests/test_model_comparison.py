@@ -13,8 +13,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from qa_pipeline.core.layout import DataLayout
+from qa_pipeline.core.layout import DataLayout, Table
 from qa_pipeline.core.settings import SettingsError, load_models
+from qa_pipeline.core.storage import Storage
 from qa_pipeline.defs.partitions import documents, documents_by_model, model_partition_key, models
 from qa_pipeline_tests.conftest import REPO, cli_env, run_cli, sql
 from qa_pipeline_tests.test_run_path import (
@@ -26,6 +27,7 @@ from qa_pipeline_tests.test_run_path import (
     submit_ui_backfill,
     write_documents,
 )
+from qa_pipeline_tests.written_outputs import write_document
 
 # "fast" is served by the simulator's default engine; "slow" has a profile of its own: slower decode
 # steps, malformed answers (a chunk fails when its retry is malformed too) and answers made up from text not in the chunk.
@@ -232,3 +234,31 @@ def test_a_models_file_with_a_bad_entry_is_refused_naming_the_file_the_model_and
         load_models(tmp_path)
     (tmp_path / "models.toml").write_text('[models.qwen]\nbase_url = "http://gpu:8000/v1"\nengine = "offline"\n')
     assert load_models(tmp_path)["qwen"].batch_command == "vllm run-batch"
+
+
+def test_deleting_a_document_moves_every_models_outputs_compacted_or_not_and_moving_them_back_restores_them(
+    tmp_path,
+):
+    layout = DataLayout(root=tmp_path / "data")
+    for model in (None, "fast"):
+        for n in range(3):
+            write_document(
+                Storage(layout.for_model(model)),
+                f"guide/page-{n}.md",
+                {f"c{n}": f"Page {n} explains the backup."},
+                {f"c{n}": [(f"What does page {n} explain ({model})?", "The backup.", "factual")]},
+            )
+    compacted = [c.table for c in Storage(layout).compact()]
+    assert compacted.count(Table.QA_PAIRS) == 2, "the default generator's qa_pairs and the named model's"
+
+    def pairs(model):
+        return Storage(layout.for_model(model)).query("SELECT document FROM qa_pairs ORDER BY document")["document"]
+
+    before = {model: pairs(model).to_list() for model in (None, "fast")}
+    trash = Storage(layout).delete_partition("guide/page-1.md")
+
+    for model in (None, "fast"):
+        assert "guide/page-1.md" not in pairs(model).to_list(), model
+        assert Storage(layout.for_model(model)).read_partition(Table.QA_PAIRS, "guide/page-1.md") is None
+    shutil.copytree(trash, layout.root, dirs_exist_ok=True)
+    assert {model: pairs(model).to_list() for model in (None, "fast")} == before
