@@ -80,6 +80,7 @@ def requested(run_requests, instance: dg.DagsterInstance | None = None) -> dict[
 def execute(defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
     job = defs.resolve_implicit_global_asset_job_def()
     result = job.execute_in_process(
+        run_config=request.run_config,
         asset_selection=request.asset_selection,
         partition_key=request.partition_key,
         instance=instance,
@@ -189,6 +190,64 @@ def test_edits_to_the_folder_regenerate_exactly_the_documents_that_changed(proje
         env,
     )
     assert orphans == [{"n": 0}]
+
+
+def events_by_partition(result: dg.ExecuteInProcessResult, event_type: dg.DagsterEventType) -> dict[str, int]:
+    """Partition → how many events of `event_type` the run recorded for `qa_pairs` (materializations or checks)."""
+    counts: dict[str, int] = {}
+    for event in result.all_events:
+        if event.event_type != event_type:
+            continue
+        data = event.event_specific_data
+        key = data.materialization.asset_key if event_type == dg.DagsterEventType.ASSET_MATERIALIZATION else data.asset_key
+        partition = data.materialization.partition if event_type == dg.DagsterEventType.ASSET_MATERIALIZATION else data.partition
+        if key == dg.AssetKey("qa_pairs"):
+            counts[partition] = counts.get(partition, 0) + 1
+    return counts
+
+
+def test_a_sensor_run_spanning_unchanged_documents_records_only_the_changed_ones(project, simulator, monkeypatch):
+    sim = simulator(max_num_seqs=32, step_base_ms=2, output_tokens_mean=120, output_tokens_max=600)
+    monkeypatch.setenv("QA_PIPELINE_LLM_BASE_URL", sim.base_url)
+    _, instance, layout = project
+    from qa_pipeline.definitions import defs as load_definitions
+
+    defs = load_definitions()
+    sources = layout.sources_dir
+    for name, text in (("a.md", ALPHA), ("b.md", STABLE), ("c.md", BETA)):
+        (sources / name).write_text(text)
+    first = tick(defs, instance, cursor=None)
+    execute_all(defs, instance, first)
+    b_before = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("qa_pairs"), asset_partitions=["b.md"]), limit=1
+    ).records[0]
+
+    # The first and the last document change: one run over the range a..c, which spans b.
+    (sources / "a.md").write_text(ALPHA_EDITED)
+    (sources / "c.md").write_text(BETA.replace("port 9000", "port 9100"))
+    changed = tick(defs, instance, first.cursor)
+    assert requested(changed.run_requests, instance) == {key: GENERATED for key in ("a.md", "b.md", "c.md")}
+    (request,) = changed.run_requests
+    assert request.run_config["ops"]["qa_pairs"]["config"]["span_only_documents"] == ["b.md"]
+    sent = sim.stats()["requests_total"]
+    result = execute(defs, instance, request)
+
+    assert sim.stats()["requests_total"] - sent == 2, "one changed chunk in a.md and one in c.md"
+    materialized = events_by_partition(result, dg.DagsterEventType.ASSET_MATERIALIZATION)
+    assert materialized == {"a.md": 1, "c.md": 1}, "the spanned, unchanged b.md is not recorded again"
+    checked = events_by_partition(result, dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    assert set(checked) == {"a.md", "c.md"} and all(count > 0 for count in checked.values())
+    b_after = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("qa_pairs"), asset_partitions=["b.md"]), limit=1
+    ).records[0]
+    assert b_after.storage_id == b_before.storage_id, "b.md's last materialization stands"
+    statuses = instance.get_status_by_partition(dg.AssetKey("qa_pairs"), ["a.md", "b.md", "c.md"], defs.get_assets_def("qa_pairs").partitions_def)
+    assert set(statuses.values()) == {dg.AssetPartitionStatus.MATERIALIZED}
+
+    # b.md changes next: now it is asked for, and recorded.
+    (sources / "b.md").write_text(STABLE.replace("no configuration", "one setting"))
+    again = execute_all(defs, instance, tick(defs, instance, changed.cursor))
+    assert events_by_partition(again["b.md"], dg.DagsterEventType.ASSET_MATERIALIZATION) == {"b.md": 1}
 
 
 def test_the_schedule_catches_changes_the_sensor_did_not_see_and_repeats_none_it_did(project, data_dir):

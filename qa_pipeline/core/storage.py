@@ -520,6 +520,7 @@ class PublishedDocument:
     failures: pl.DataFrame
     scores: pl.DataFrame
     answered: int  # current chunks with a result (pairs or a failure)
+    changed: bool = True  # False: every table already held exactly these rows (nothing was written)
 
     @property
     def failure_rate(self) -> float:
@@ -571,7 +572,8 @@ class Storage:
         if not scores_are_current(scores, pairs):
             scores = score_pairs(pairs, chunks)
             self.write_partition(Table.PAIR_SCORES, document, scores)
-        return PublishedDocument(document, chunks, pairs, failures, scores, answered=len(selected))
+            written = True
+        return PublishedDocument(document, chunks, pairs, failures, scores, answered=len(selected), changed=written)
 
     def write_test_sample(self, sample: pl.DataFrame) -> Path:
         write_parquet_atomic(sample, self.layout.test_sample_file)

@@ -8,10 +8,12 @@ on its own; the others of the run are materialized.
 
 import asyncio
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import dagster as dg
 import polars as pl
+from pydantic import Field
 
 from qa_pipeline.core import benchmark as bench
 from qa_pipeline.core import settings as defaults
@@ -58,9 +60,16 @@ def backfill_policy(documents_per_run: int | str) -> dg.BackfillPolicy:
 DEFAULT_BACKFILL_POLICY = backfill_policy(defaults.DEFAULT_DOCUMENTS_PER_RUN)
 
 
+SPAN_ONLY_DESCRIPTION = (
+    "Documents in the run only because its range of partitions spans them (the sources sensor asks for the "
+    "changed ones): each is recorded again only if its outputs changed, else its last materialization stands."
+)
+
+
 class ChunkingConfig(dg.Config):
     target_tokens: int = 400
     overlap_tokens: int = 50
+    span_only_documents: list[str] = Field(default_factory=list, description=SPAN_ONLY_DESCRIPTION)
 
 
 class SampleConfig(dg.Config):
@@ -99,6 +108,7 @@ class QAPairsConfig(GenerationConfig):
     progress_interval_s: defaults.Seconds = 10.0
     force_regenerate: bool = False
     checks: QualityChecksConfig = QualityChecksConfig()
+    span_only_documents: list[str] = Field(default_factory=list, description=SPAN_ONLY_DESCRIPTION)
 
 
 @dg.observable_source_asset(
@@ -126,6 +136,7 @@ def chunks(context: dg.AssetExecutionContext, config: ChunkingConfig, storage: S
     """
     outcomes: dict[str, dict] = {}
     failed: dict[str, str] = {}
+    span_only = set(config.span_only_documents)
     for document in context.partition_keys:
         # The partition's own file, looked up by its key: the cost of a document does not grow with the folder.
         source = storage.layout.source_file(document)
@@ -136,6 +147,8 @@ def chunks(context: dg.AssetExecutionContext, config: ChunkingConfig, storage: S
             outcomes[document] = _chunk_document(context, source, config, storage)
         except DocumentError as error:
             failed[document] = str(error)
+        if document in span_only and not outcomes.get(document, {}).get("changed", True):
+            continue  # spanned, unchanged: the content its chunks were built from is recorded already
         # The content the chunks were built from, per document: the sources sensor falls back on it.
         context.log_event(
             dg.AssetObservation(
@@ -159,7 +172,7 @@ def _chunk_document(
         raise DocumentError(source.path, "no text to chunk (the document is empty after parsing)", "Add text to it or remove it.")
     frame = chunks_to_frame(chunk_list)
     # An unchanged document keeps its file (and everything read from it), as in a run spanning edited neighbours.
-    storage.storage.write_partition_if_changed(Table.CHUNKS, source.key, frame)
+    written = storage.storage.write_partition_if_changed(Table.CHUNKS, source.key, frame)
     path = storage.layout.partition_file(Table.CHUNKS, source.key)
     for warning in getattr(parsed, "warnings", []) or []:
         context.log.warning(f"{source.path}: {warning}")
@@ -170,6 +183,7 @@ def _chunk_document(
         "tokens_max": int(frame["n_tokens"].max()),
         "path": dg.MetadataValue.path(str(path)),
         "content_hash": source.content_hash,
+        "changed": written,
     }
 
 
@@ -179,22 +193,35 @@ def _partitions_result(
     failed: dict[str, str],
     totals: dict,
     extra: dict | None = None,
-) -> dg.MaterializeResult:
+    left_as_they_were: frozenset[str] = frozenset(),
+) -> dg.MaterializeResult | None:
     """The end of a step over one or many documents: each document that failed fails alone.
 
     Dagster records a materialization for every partition of a step that succeeds, and none for a
     step that fails. So when some documents fail, each one that passed is recorded here as
     materialized, with its own metadata, before the step fails: the failed partitions alone show as
-    failed, and a re-run of them redoes only their own work.
+    failed, and a re-run of them redoes only their own work. The documents `left_as_they_were` (spanned
+    by the run's range, their outputs unchanged) are not recorded at all: the step then records the
+    others one by one and returns None (its output, optional, is not yielded), so their last
+    materialization and check verdicts stand and the event log does not grow with the span.
     """
     extra = extra or {}
     keys = context.partition_keys
-    if not failed:
+    if not failed and not left_as_they_were:
         if len(keys) == 1:
             return dg.MaterializeResult(metadata={**outcomes[keys[0]], **extra})
         return dg.MaterializeResult(metadata={"documents": len(keys), **totals, **extra})
     for document, metadata in outcomes.items():
-        context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=document, metadata=metadata))
+        if document not in left_as_they_were:
+            context.log_event(
+                dg.AssetMaterialization(asset_key=context.asset_key, partition=document, metadata={**metadata, **extra})
+            )
+    if not failed:
+        context.log.info(
+            f"{len(left_as_they_were)} of the {len(keys)} documents of the run's range were not asked for and are "
+            "unchanged: their last materialization stands"
+        )
+        return None
     failed_documents = {"failed_documents": dg.MetadataValue.json(failed)}  # read by `qa-pipeline run`
     if len(keys) == 1:
         raise dg.Failure(description=failed[keys[0]], metadata={**outcomes.get(keys[0], {}), **extra, **failed_documents})
@@ -312,16 +339,17 @@ async def qa_pairs(
     failure threshold fails alone; a failed blocking check blocks the assets downstream.
     """
     # Yielded, not returned: with check outputs on the op, Dagster reads a returned tuple as outputs.
-    yield await _generate_qa_pairs(context, config, llm, storage)
+    if (result := await _generate_qa_pairs(context, config, llm, storage)) is not None:
+        yield result
 
 
 async def _generate_qa_pairs(
     context: dg.AssetExecutionContext, config: QAPairsConfig, llm: LLMResource, storage: StorageResource
-) -> dg.MaterializeResult:
+) -> dg.MaterializeResult | None:
     keys = context.partition_keys
     published = await _generate(
         context, config, config.settings(), llm.client, storage.storage, {key: key for key in keys},
-        context.asset_key, config.stall_timeout_s or llm.stall_timeout_s,
+        context.asset_key, config.stall_timeout_s or llm.stall_timeout_s, span_only=frozenset(config.span_only_documents),
     )
     return _finish(context, published)
 
@@ -370,7 +398,8 @@ async def qa_pairs_by_model(
                 Storage(storage.layout.for_model(model.name)), keys, context.asset_key,
                 config.stall_timeout_s or models.stall_timeout_s,
             ))
-    yield _finish(context, _Published.merge(published))
+    if (result := _finish(context, _Published.merge(published))) is not None:
+        yield result
 
 
 def _named_model(models: ModelsResource, name: str) -> ModelConfig:
@@ -386,15 +415,26 @@ def _model_settings(settings: GenerationSettings, model: ModelConfig) -> Generat
     return settings.model_copy(update={key: value for key, value in own.items() if value is not None})
 
 
+class _Outcome(NamedTuple):
+    """One published document: its metadata, why it fails (or None), its check verdicts, whether it changed."""
+
+    metadata: dict
+    failure: str | None
+    verdicts: list
+    changed: bool = True
+
+
 @dataclass
 class _Published:
-    """What a generation step published, by partition key: metadata, failures, blocked checks, run figures."""
+    """What a generation step published, by partition key: metadata, failures, blocked checks, run figures,
+    and the spanned documents left as they were (not recorded)."""
 
     outcomes: dict[str, dict]
     failed: dict[str, str]
     blocked: dict[str, list[str]]
     totals: dict
     run_metadata: dict
+    left_as_they_were: frozenset[str] = field(default_factory=frozenset)
 
     @classmethod
     def merge(cls, parts: list["_Published"]) -> "_Published":
@@ -407,6 +447,7 @@ class _Published:
             blocked={k: v for part in parts for k, v in part.blocked.items()},
             totals=totals,
             run_metadata={},  # per model: in each model's log lines and throughput plot
+            left_as_they_were=frozenset().union(*(part.left_as_they_were for part in parts)),
         )
 
 
@@ -419,8 +460,13 @@ async def _generate(
     keys: dict[str, str],
     asset: dg.AssetKey,
     stall_timeout_s: float,
+    span_only: frozenset[str] = frozenset(),
 ) -> _Published:
-    """Generates the QA pairs of `keys` (document → partition key) and publishes each document as it is done."""
+    """Generates the QA pairs of `keys` (document → partition key) and publishes each document as it is done.
+
+    A document of `span_only` whose tables come out exactly as they were records nothing (no
+    materialization, no check evaluation): it is in the run only because the run's range spans it.
+    """
     tasks, missing = _chunk_tasks(list(keys), storage)
     limiter = _concurrency_limit(context, config, storage, client)
     generator = Generator(
@@ -434,11 +480,13 @@ async def _generate(
         force=config.force_regenerate,
     )
     thresholds = config.checks.thresholds()
-    published: dict[str, tuple[dict, str | None, list]] = {}
+    published: dict[str, _Outcome] = {}
 
-    def record(document: str, outcome: tuple[dict, str | None, list]) -> None:
+    def record(document: str, outcome: _Outcome) -> None:
         published[document] = outcome
-        for evaluation in check_evaluations(keys[document], outcome[2], asset):
+        if document in span_only and not outcome.changed and outcome.failure is None:
+            return  # its verdicts on these same tables are recorded already
+        for evaluation in check_evaluations(keys[document], outcome.verdicts, asset):
             context.log_event(evaluation)
 
     async def publish(document: str, results: list[ChunkResult]) -> None:
@@ -453,27 +501,36 @@ async def _generate(
         if document not in missing and document not in published:  # a chunks table without rows
             record(document, _publish_document(document, [], storage, config.failure_threshold, thresholds))
 
-    return _collect(keys, missing, published, _run_metadata(context, report, limiter, storage))
+    left = frozenset(
+        keys[document]
+        for document, outcome in published.items()
+        if document in span_only and not outcome.changed and outcome.failure is None
+    )
+    return _collect(keys, missing, published, _run_metadata(context, report, limiter, storage), left)
 
 
 def _collect(
-    keys: dict[str, str], missing: list[str], published: dict[str, tuple[dict, str | None, list]], run_metadata: dict
+    keys: dict[str, str],
+    missing: list[str],
+    published: dict[str, _Outcome],
+    run_metadata: dict,
+    left_as_they_were: frozenset[str] = frozenset(),
 ) -> _Published:
     """The published documents' outcomes by partition key: materialized, failed, or blocked by a check."""
     failed = {keys[document]: "no chunks: materialize `chunks` for this partition first" for document in missing}
     blocked = {}
-    for document, (_, failure, verdicts) in published.items():
-        if failure is not None:
-            failed[keys[document]] = failure
-        elif names := blocking_failures(verdicts):
+    for document, outcome in published.items():
+        if outcome.failure is not None:
+            failed[keys[document]] = outcome.failure
+        elif (names := blocking_failures(outcome.verdicts)) and keys[document] not in left_as_they_were:
             blocked[keys[document]] = names
-    outcomes = {keys[document]: metadata for document, (metadata, failure, _) in published.items() if failure is None}
+    outcomes = {keys[document]: o.metadata for document, o in published.items() if o.failure is None}
     totals = {
-        "rows_in_run": sum(m["dagster/partition_row_count"] for m, _, _ in published.values()),
-        "chunks": sum(m["chunks"] for m, _, _ in published.values()),
-        "chunks_failed": sum(m["chunks_failed"] for m, _, _ in published.values()),
+        "rows_in_run": sum(o.metadata["dagster/partition_row_count"] for o in published.values()),
+        "chunks": sum(o.metadata["chunks"] for o in published.values()),
+        "chunks_failed": sum(o.metadata["chunks_failed"] for o in published.values()),
     }
-    return _Published(outcomes, failed, blocked, totals, run_metadata)
+    return _Published(outcomes, failed, blocked, totals, run_metadata, left_as_they_were)
 
 
 def _generate_offline(
@@ -501,7 +558,7 @@ def _generate_offline(
     published = {}
     for document, results in journal_results(storage, tasks, model.model, settings).items():
         published[document] = _publish_document(document, results, storage, config.failure_threshold, thresholds)
-        for evaluation in check_evaluations(keys[document], published[document][2], asset):
+        for evaluation in check_evaluations(keys[document], published[document].verdicts, asset):
             context.log_event(evaluation)
     run_metadata = {
         "requests_sent": report.requests,
@@ -512,7 +569,7 @@ def _generate_offline(
     return _collect(keys, missing, published, run_metadata)
 
 
-def _finish(context: dg.AssetExecutionContext, published: _Published) -> dg.MaterializeResult:
+def _finish(context: dg.AssetExecutionContext, published: _Published) -> dg.MaterializeResult | None:
     """The step's result: materialized, or failed for the documents that failed (or whose blocking checks did)."""
     keys = context.partition_keys
     outcomes, failed, blocked, totals, run_metadata = (
@@ -522,6 +579,8 @@ def _finish(context: dg.AssetExecutionContext, published: _Published) -> dg.Mate
         # Materialized, but what depends on it must wait: the same as a failed blocking check.
         single = run_metadata if len(keys) == 1 else {}
         for key, metadata in outcomes.items():
+            if key in published.left_as_they_were:
+                continue
             context.log_event(
                 dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata={**metadata, **single})
             )
@@ -533,7 +592,7 @@ def _finish(context: dg.AssetExecutionContext, published: _Published) -> dg.Mate
             ),
             metadata={"documents": len(keys), **totals, **run_metadata},
         )
-    return _partitions_result(context, outcomes, failed, totals, run_metadata)
+    return _partitions_result(context, outcomes, failed, totals, run_metadata, published.left_as_they_were)
 
 
 def _run_metadata(context: dg.AssetExecutionContext, report: GenerationReport, limiter, storage: Storage) -> dict:
@@ -573,7 +632,7 @@ def _chunk_tasks(documents_in_run: list[str], storage: Storage) -> tuple[list[Ch
 
 def _publish_document(
     document: str, results: list[ChunkResult], storage: Storage, failure_threshold: float, thresholds
-) -> tuple[dict, str | None, list]:
+) -> _Outcome:
     """Writes one document's tables and scores them; its metadata, why it fails (or None), its check verdicts."""
     published = storage.publish_document(document, results)
     verdicts = document_verdicts(published, thresholds)
@@ -589,12 +648,12 @@ def _publish_document(
         ),
     }
     if failure_rate <= failure_threshold:
-        return metadata, None, verdicts
-    return metadata, (
+        return _Outcome(metadata, None, verdicts, published.changed)
+    return _Outcome(metadata, (
         f"{failures.height} of {published.answered} chunks of {document!r} failed ({failure_rate:.1%} > "
         f"threshold {failure_threshold:.1%}). Finished chunks are saved; re-run this "
         "partition to retry only the failed chunks."
-    ), verdicts
+    ), verdicts, published.changed)
 
 
 @dg.asset(deps=[qa_pairs], code_version="report-v2", kinds={"duckdb"}, group_name="quality")

@@ -148,8 +148,9 @@ def regeneration_requests(
     follows), up to `settings.documents_per_run` documents a run.
 
     A run names a range of partitions, so it spans the unchanged documents between two changed
-    ones: they are published again from their cache without a request, which costs far less than a
-    run per stretch of changed documents. A document that cannot be read gets a run of its own, so
+    ones: the run's config lists them (`span_only_documents`), and each is recorded again only if its
+    outputs changed (else it costs a cache look-up, no request and no event), which costs far less
+    than a run per stretch of changed documents. A document that cannot be read gets a run of its own, so
     that it fails alone instead of holding back the others' generation.
     """
     unreadable = set(unreadable_documents(layout, changes.to_generate))
@@ -171,8 +172,16 @@ def regeneration_requests(
             )
         else:
             tags.update({RANGE_START_TAG: keys[0], RANGE_END_TAG: keys[-1]})
+            requested = set(generated)
+            spanned = {"span_only_documents": [key for key in keys if key not in requested]}
             requests.append(
-                dg.RunRequest(run_key=f"{keys[0]}..{keys[-1]}@{digest}" if run_keys else None, asset_selection=[chunks.key, qa_pairs.key], tags=tags)
+                dg.RunRequest(
+                    run_key=f"{keys[0]}..{keys[-1]}@{digest}" if run_keys else None,
+                    asset_selection=[chunks.key, qa_pairs.key],
+                    tags=tags,
+                    run_config={"ops": {"chunks": {"config": spanned}, "qa_pairs": {"config": spanned}}}
+                    if spanned["span_only_documents"] else {},
+                )
             )
     return requests
 
