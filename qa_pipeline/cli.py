@@ -83,6 +83,7 @@ def command_run(args: argparse.Namespace) -> int:
         question_types=args.question_types.split(",") if args.question_types else None,
         question_type_descriptions=dict(args.describe_type or []),
         skip_benchmark=args.skip_benchmark,
+        rebenchmark=args.rebenchmark,
         chunks_only=args.chunks_only,
         failed_only=args.failed,
         force_regenerate=args.force,
@@ -418,7 +419,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TYPE=LINE",
         help="the one line that tells the model what a question type is; repeatable",
     )
-    run.add_argument("--skip-benchmark", action="store_true", help="reuse the last benchmark instead of sweeping")
+    run.add_argument(
+        "--skip-benchmark",
+        action="store_true",
+        help="no concurrency sweep: use the last benchmark of this model and server however old, else adapt to the server",
+    )
+    run.add_argument(
+        "--rebenchmark",
+        action="store_true",
+        help=f"sweep concurrency levels even if this model and server were benchmarked in the last "
+        f"{defaults.BENCHMARK_REUSE_DAYS} days (by default that benchmark is reused)",
+    )
     run.add_argument(
         "--chunks-only", action="store_true", help="stop after chunking (to inspect chunks before generating)"
     )

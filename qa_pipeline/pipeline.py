@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
+from qa_pipeline.core import benchmark as bench
 from qa_pipeline.core import settings as defaults
 from qa_pipeline.core.client import ClientConfig
 from qa_pipeline.core.generation import STOP_REQUESTS
@@ -55,6 +56,7 @@ class PipelineOptions:
     question_types: list[str] | None = None
     question_type_descriptions: dict[str, str] = field(default_factory=dict)
     skip_benchmark: bool = False
+    rebenchmark: bool = False  # sweep even when a recent benchmark of this model and server exists
     chunks_only: bool = False
     failed_only: bool = False
     force_regenerate: bool = False
@@ -223,8 +225,9 @@ def _run_pipeline(
             outcome.failed["LLM server"] = problem
             outcome.stopped = "server"
             return outcome
+    server = ClientConfig.parse_base_urls(llm_settings.llm_base_url)[0] if llm_settings.llm_base_url else None
     try:
-        if not options.skip_benchmark:
+        if _benchmark_needed(options, Storage(layout), llm_settings.llm_model, server or bench.EMBEDDED_SERVER_NAME, log):
             result = launcher.launch([TEST_SAMPLE, BENCHMARK])
             if not result.success:
                 outcome.failed["concurrency_benchmark"] = _failure_messages(result).get("", "the benchmark failed")
@@ -272,7 +275,8 @@ def _run_named_model(
         outcome.failed["LLM server"] = problem
         outcome.stopped = "server"
         return outcome
-    if not options.skip_benchmark and not offline:
+    # Each named model's benchmarks are in its own tables, so any recent one of its served name stands.
+    if not offline and _benchmark_needed(options, Storage(layout.for_model(model.name)), model.model, None, log):
         result = launcher.launch([TEST_SAMPLE, MODEL_BENCHMARK], partition=model.name)
         if not result.success:
             outcome.failed["model_concurrency_benchmark"] = _failure_messages(result).get("", "the benchmark failed")
@@ -282,6 +286,30 @@ def _run_named_model(
     outcome.succeeded = _run_documents(launcher, [QA_PAIRS_BY_MODEL], keyed, outcome, log)
     outcome.report_markdown = build_report(Storage(layout.for_model(model.name))).markdown()
     return outcome
+
+
+def _benchmark_needed(
+    options: PipelineOptions, storage: Storage, model: str | None, server: str | None, log: Callable[[str], None]
+) -> bool:
+    """Whether this run sweeps concurrency levels first: not when the level is given, not when skipped,
+    and not when the same model on the same server was benchmarked recently (unless `--rebenchmark`)."""
+    if options.concurrency is not None:
+        log(f"concurrency {options.concurrency} (--concurrency): no benchmark")
+        return False
+    if options.skip_benchmark:
+        return False
+    if options.rebenchmark:
+        return True
+    recent = bench.reusable_benchmark(storage, model, server)
+    if recent is None:
+        return True
+    hours = recent.age().total_seconds() / 3600
+    log(
+        f"reusing the concurrency benchmark of {recent.started_at:%Y-%m-%d %H:%M} ({hours:.1f} h ago) for this model "
+        f"and server: {recent.concurrency} requests in flight (--rebenchmark to measure again; older than "
+        f"{bench.REUSE_FOR.days} days, it is measured again anyway)"
+    )
+    return False
 
 
 def _run_documents(

@@ -44,3 +44,26 @@ def test_whole_graph_for_several_documents_is_queryable_and_consistent(simulator
     )[0]
     report = run_cli("report", env=env).stdout
     assert f"chunks: {counts['chunks']}, QA pairs: {counts['pairs']}" in report
+
+
+def test_a_second_run_reuses_the_recent_benchmark_of_the_same_server_and_sends_nothing(simulator, data_dir):
+    sim = simulator(max_num_seqs=32, step_base_ms=2, output_tokens_mean=150, output_tokens_max=800)
+    copy_sample(data_dir, "pep-0020.rst")
+    env = cli_env(data_dir, sim.base_url)
+    sweep = ("--levels", "1,4", "--sample-size", "6")
+    run_cli("run", *sweep, env=env)
+    sent = sim.stats()["requests_total"]
+
+    again = run_cli("run", *sweep, env=env)
+
+    assert "reusing the concurrency benchmark of" in again.stdout
+    assert sim.stats()["requests_total"] == sent, "no sweep, and every chunk answered from the journal"
+    assert len(sql("SELECT DISTINCT run_id FROM benchmark_runs", env)) == 1
+
+    # Asked for, the sweep runs again; with a level given there is none to run.
+    run_cli("run", *sweep, "--rebenchmark", env=env)
+    assert sim.stats()["requests_total"] > sent
+    assert len(sql("SELECT DISTINCT run_id FROM benchmark_runs", env)) == 2
+    fixed = run_cli("run", "--concurrency", "4", env=env)
+    assert "no benchmark" in fixed.stdout
+    assert len(sql("SELECT DISTINCT run_id FROM benchmark_runs", env)) == 2

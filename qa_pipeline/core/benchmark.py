@@ -9,7 +9,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 
@@ -18,9 +18,13 @@ from qa_pipeline.core.concurrency import FixedLimit
 from qa_pipeline.core.dispatch import Dispatcher
 from qa_pipeline.core.generation import GenerationSettings
 from qa_pipeline.core.prompts import ParseError, parse_pairs
+from qa_pipeline.core.settings import BENCHMARK_REUSE_DAYS
 from qa_pipeline.core.storage import BENCHMARK_SCHEMA, Storage
 
 DEFAULT_LEVELS: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
+REUSE_FOR = timedelta(days=BENCHMARK_REUSE_DAYS)  # `--rebenchmark` sweeps again sooner
+# The name benchmark results of the embedded server are recorded under (its port changes at each start).
+EMBEDDED_SERVER_NAME = "embedded"
 
 
 @dataclass(frozen=True)
@@ -307,17 +311,44 @@ def plot_sweep(frame: pl.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def latest_recommendation(storage: Storage, model: str | None = None, endpoint: str | None = None) -> int | None:
-    """The level recommended by the most recent benchmark run of this model on this endpoint, if any.
+@dataclass(frozen=True)
+class Recommendation:
+    """The level a benchmark run recommended, and when that run started."""
+
+    concurrency: int
+    started_at: datetime
+
+    def age(self, now: datetime | None = None) -> timedelta:
+        started = self.started_at if self.started_at.tzinfo else self.started_at.replace(tzinfo=UTC)
+        return (now or datetime.now(UTC)) - started
+
+
+def latest_benchmark(storage: Storage, model: str | None = None, server: str | None = None) -> Recommendation | None:
+    """The most recent benchmark run of this model on this server (None: any), if any.
 
     A level measured on another model or server says nothing about this one, so it is not reused.
     """
     conditions, parameters = ["recommended"], []
-    for column, value in (("model", model), ("endpoint", endpoint)):
+    for column, value in (("model", model), ("endpoint", server)):
         if value is not None:
             conditions.append(f"{column} = ?")
             parameters.append(value)
-    query = f"SELECT concurrency FROM benchmark_runs WHERE {' AND '.join(conditions)} ORDER BY started_at DESC LIMIT 1"
+    query = (
+        f"SELECT concurrency, started_at FROM benchmark_runs WHERE {' AND '.join(conditions)} "
+        "ORDER BY started_at DESC LIMIT 1"
+    )
     with storage.connect() as connection:
         frame = connection.sql(query, params=parameters).pl()
-    return int(frame["concurrency"][0]) if frame.height else None
+    return Recommendation(int(frame["concurrency"][0]), frame["started_at"][0]) if frame.height else None
+
+
+def latest_recommendation(storage: Storage, model: str | None = None, server: str | None = None) -> int | None:
+    """The level recommended by the most recent benchmark run of this model on this server, if any."""
+    found = latest_benchmark(storage, model, server)
+    return found.concurrency if found else None
+
+
+def reusable_benchmark(storage: Storage, model: str | None, server: str | None) -> Recommendation | None:
+    """The latest benchmark of this model on this server if it is recent enough to stand (REUSE_FOR)."""
+    found = latest_benchmark(storage, model, server)
+    return found if found is not None and found.age() <= REUSE_FOR else None

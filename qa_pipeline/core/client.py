@@ -27,6 +27,8 @@ class ClientConfig(BaseModel):
     """How to reach the server(s) and how patiently to talk to them."""
 
     base_urls: list[str] = Field(min_length=1, description="OpenAI-style base URLs, ending in /v1")
+    # Benchmark results are keyed by it: the embedded server listens on a new port each start, so it is "embedded".
+    server_name: str | None = Field(default=None, description="a stable name for the server(s); None: the first base URL")
     model: str | None = Field(default=None, description="served model name; None = the first one served")
     api_key: SecretStr | None = None
     # Where the user sets `model`, for the error that says it is not served.
@@ -253,6 +255,7 @@ class LLMClient:
             Endpoint(url, limit=endpoint_limit(url) if endpoint_limit else None) for url in config.base_urls
         ]
         self.model: str | None = config.model
+        self.server_name: str = config.server_name or self.endpoints[0].base_url
         self.max_model_len: int | None = None  # the model's context, as /v1/models reports it (vLLM does)
         self.log = log
         self._outage: Outage | None = None

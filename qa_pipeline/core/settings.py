@@ -30,6 +30,8 @@ DEFAULT_STALL_TIMEOUT_S = 900.0
 DEFAULT_OUTAGE_TIMEOUT_S = 120.0
 DEFAULT_FAILURE_THRESHOLD = 0.05
 DEFAULT_SAMPLE_SIZE = 100
+# `qa-pipeline run` reuses a concurrency benchmark of the same model and server this many days old at most.
+BENCHMARK_REUSE_DAYS = 7
 # Documents per run of `qa_pairs` (and `chunks`): see README, "Runs span documents", for the measurement.
 DEFAULT_DOCUMENTS_PER_RUN = 1000
 DEFAULT_SOURCES_CRON = "0 * * * *"

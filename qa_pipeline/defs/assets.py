@@ -289,7 +289,7 @@ async def _benchmark(
         client, prompts, config.levels, settings, config.max_seconds_per_level, log=context.log.info
     )
     recommended = bench.recommend_level(results, tolerance=config.tolerance)
-    frame = bench.results_frame(results, context.run_id, client.model or "", client.endpoints[0].base_url, recommended)
+    frame = bench.results_frame(results, context.run_id, client.model or "", client.server_name, recommended)
     storage.write_partition(Table.BENCHMARK_RUNS, context.run_id, frame)
     plot = storage.write_plot(f"{plot_name}.png", bench.plot_sweep(frame))
     table = frame.select(
@@ -703,7 +703,7 @@ def _concurrency_limit(
     that adapts to the server."""
     if config.adaptive_concurrency:
         return AdaptiveLimit(max_limit=config.max_concurrency)
-    level = config.concurrency or bench.latest_recommendation(storage, client.model, client.endpoints[0].base_url)
+    level = config.concurrency or bench.latest_recommendation(storage, client.model, client.server_name)
     if level is None:
         context.log.warning(
             "no concurrency benchmark yet and no concurrency configured: adapting to the server's load "

@@ -9,6 +9,7 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from qa_pipeline.core import settings as defaults
+from qa_pipeline.core.benchmark import EMBEDDED_SERVER_NAME
 from qa_pipeline.core.client import ClientConfig, LLMClient
 from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.settings import (
@@ -80,10 +81,11 @@ class LLMResource(dg.ConfigurableResource):
             data_dir=data_dir,
         )
 
-    def client_config(self, base_urls: list[str], model: str | None) -> ClientConfig:
+    def client_config(self, base_urls: list[str], model: str | None, server_name: str | None = None) -> ClientConfig:
         return ClientConfig(
             base_urls=base_urls,
             model=model,
+            server_name=server_name,
             api_key=secret_from_environment(self.api_key_env_var),
             request_timeout_s=self.request_timeout_s,
             connect_timeout_s=self.connect_timeout_s,
@@ -103,6 +105,7 @@ class LLMResource(dg.ConfigurableResource):
             # configured: the settings fill the endpoint in again, rather than starting the embedded server.
             settings = LLMSettings.load()
             base_url, model = settings.llm_base_url, model or settings.llm_model
+        server_name = None
         if base_url:
             base_urls = ClientConfig.parse_base_urls(base_url)
         else:
@@ -112,8 +115,8 @@ class LLMResource(dg.ConfigurableResource):
             # each partition); the CLI stops the one it starts, `qa-pipeline embedded stop` any other.
             layout = DataLayout.from_env(self.data_dir)
             server = await asyncio.to_thread(lambda: EmbeddedServer.for_data_dir(layout, progress=log).start())
-            base_urls, model = [server.base_url], server.model
-        async with LLMClient(self.client_config(base_urls, model)) as client:
+            base_urls, model, server_name = [server.base_url], server.model, EMBEDDED_SERVER_NAME
+        async with LLMClient(self.client_config(base_urls, model, server_name)) as client:
             await client.resolve_model()
             self._client = client
             yield self
