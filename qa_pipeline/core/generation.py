@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import ClassVar
 
 from pydantic import BaseModel
 
@@ -20,13 +21,14 @@ from qa_pipeline.core.client import ChatOutcome, LLMClient, ServerUnavailableErr
 from qa_pipeline.core.concurrency import ConcurrencyGate, ConcurrencyLimit
 from qa_pipeline.core.dispatch import Dispatcher
 from qa_pipeline.core.dispatch import StalledError as StalledError  # raised by Generator.run
-from qa_pipeline.core.layout import DataLayout
+from qa_pipeline.core.layout import DataLayout, Table
 from qa_pipeline.core.progress import Progress
 from qa_pipeline.core.prompts import (
     DEFAULT_QUESTION_TYPES,
     PROMPT_VERSION,
     FailureReason,
     ParseError,
+    QAPair,
     build_messages,
     parse_pairs,
     question_types_described,
@@ -37,7 +39,14 @@ from qa_pipeline.core.storage import ChunkResult, Journal, StorageFullError, for
 
 
 class GenerationSettings(BaseModel):
-    """Everything that shapes a request; all of it goes into the cache key."""
+    """Everything that shapes a request; all of it goes into the cache key.
+
+    A kind of request other than one chunk's QA pairs (core/multihop.py) subclasses this and overrides
+    `table`, `prompt_version` and the `*_for(task)` methods; the Generator asks through them.
+    """
+
+    table: ClassVar[Table] = Table.QA_PAIRS  # the table (and journal) the answers go to
+    prompt_version: ClassVar[str] = PROMPT_VERSION
 
     question_types: tuple[str, ...] = DEFAULT_QUESTION_TYPES
     # One line per type telling the model what it is; types not named here keep their default line.
@@ -56,6 +65,17 @@ class GenerationSettings(BaseModel):
 
     def messages(self, content: str, heading_path: Sequence[str] = ()) -> list[dict[str, str]]:
         return build_messages(content, list(heading_path), self.described_types())
+
+    def messages_for(self, task: ChunkTask) -> list[dict[str, str]]:
+        return self.messages(task.content, task.heading_path)
+
+    def schema_for(self, task: ChunkTask) -> dict | None:
+        """The `response_format` of this task's request when it is not the run's (`schema()`), else None."""
+        return None
+
+    def parse(self, task: ChunkTask, content: str | None, finish_reason: str | None) -> list[QAPair]:
+        """The validated pairs of an answer to this task's request, or a ParseError."""
+        return parse_pairs(content, finish_reason, self.question_types)
 
 
 @dataclass(frozen=True)
@@ -211,7 +231,7 @@ def request_hasher(model: str, settings: GenerationSettings, schema: dict) -> Ca
         "temperature": settings.temperature,
         "seed": settings.seed,
         "schema": schema,
-        "prompt_version": PROMPT_VERSION,
+        "prompt_version": settings.prompt_version,
     }
     prefix = hashlib.sha256(json.dumps(fixed, sort_keys=True).encode("utf-8"))
 
@@ -234,10 +254,12 @@ def result_from_outcome(
     model: str,
     outcome: ChatOutcome,
     max_tokens: int | None = None,
-    question_types: Sequence[str] = DEFAULT_QUESTION_TYPES,
+    settings: GenerationSettings | None = None,
+    temperature: float | None = None,
 ) -> ChunkResult:
-    """A journal record for one chunk: validated pairs (one per requested type, in order), or the
-    reason there are none."""
+    """A journal record for one chunk: validated pairs (one per requested type of `settings`, in order),
+    or the reason there are none. `max_tokens` and `temperature` are those the request was sent with."""
+    settings = settings or GenerationSettings()
     common = {
         "document": task.document,
         "chunk_id": task.chunk_id,
@@ -248,15 +270,16 @@ def result_from_outcome(
         "latency_s": outcome.latency_s,
         "prompt_tokens": outcome.prompt_tokens,
         "completion_tokens": outcome.completion_tokens,
-        "prompt_version": PROMPT_VERSION,
+        "prompt_version": settings.prompt_version,
         "finished_at": datetime.now(UTC),
         "http_status": outcome.status,
         "max_tokens_used": max_tokens,
+        "temperature": temperature,
     }
     if not outcome.ok:
         return ChunkResult(ok=False, reason=outcome.failure_reason, detail=outcome.error, **common)
     try:
-        pairs = parse_pairs(outcome.content, outcome.finish_reason, question_types)
+        pairs = settings.parse(task, outcome.content, outcome.finish_reason)
     except ParseError as error:
         return ChunkResult(ok=False, reason=error.reason, detail=error.detail, **common)
     return ChunkResult(ok=True, pairs=pairs, **common)
@@ -338,7 +361,7 @@ class Generator:
         """
         model = self.client.model or await self.client.resolve_model()
         documents = sorted({t.document for t in tasks})
-        journals = {d: Journal(self.layout.journal_file(d)) for d in documents}
+        journals = {d: Journal(self.layout.journal_file(d, self.settings.table)) for d in documents}
         # Loaded even when forced: the journal then knows its line count, which compaction relies on.
         finished = {d: j.load() for d, j in journals.items()}
         if self.force:
@@ -347,7 +370,7 @@ class Generator:
         key_of = request_hasher(model, self.settings, self.schema)
         keyed = []
         for task in tasks:
-            messages = self.settings.messages(task.content, task.heading_path)
+            messages = self.settings.messages_for(task)
             keyed.append((task, messages, key_of(messages)))
         todo, queued, repeats = [], set(), 0
         for task, messages, key in keyed:
@@ -360,7 +383,8 @@ class Generator:
             queued.add((task.document, key))
             todo.append((task, messages, key))
 
-        label = f"qa_pairs {documents[0]}" if len(documents) == 1 else f"qa_pairs ({len(documents)} documents)"
+        table = self.settings.table
+        label = f"{table} {documents[0]}" if len(documents) == 1 else f"{table} ({len(documents)} documents)"
         progress = Progress(label, len(tasks) - repeats, self.log, self.progress_interval_s)
         for _ in range(len(tasks) - len(todo) - repeats):
             progress.advance(cached=True)
@@ -505,7 +529,7 @@ class Generator:
                 temperature = temperature or REASK_TEMPERATURE
                 seed = None if seed is None else seed + ask
             outcome = await self._chat(task, key, model, messages, budget, temperature, seed, spent)
-            result = result_from_outcome(task, key, model, outcome, budget, self.settings.question_types)
+            result = result_from_outcome(task, key, model, outcome, budget, self.settings, temperature)
             if result.ok or result.reason not in REASKED_REASONS:
                 break
             if result.reason == FailureReason.TRUNCATED:
@@ -525,7 +549,8 @@ class Generator:
         does; if none does within the client's outage timeout, the chunk is lost to the outage."""
         while True:
             outcome = await self.client.chat(
-                messages, response_format=self.schema, max_tokens=max_tokens, temperature=temperature, seed=seed
+                messages, response_format=self.settings.schema_for(task) or self.schema, max_tokens=max_tokens,
+                temperature=temperature, seed=seed,
             )
             self.limiter.observe_response(outcome.latency_s, outcome.ok, outcome.completion_tokens)
             spent.add(outcome)
@@ -535,7 +560,7 @@ class Generator:
                 if not await self.client.wait_out(outcome.outage):
                     return outcome  # the server was up: a connection it dropped is this chunk's failure
             except ServerUnavailableError as error:
-                result = result_from_outcome(task, key, model, outcome, max_tokens, self.settings.question_types)
+                result = result_from_outcome(task, key, model, outcome, max_tokens, self.settings, temperature)
                 result = result.model_copy(update={"attempts": spent.attempts, "latency_s": spent.latency_s})
                 raise _LostToOutage(result, spent.output_tokens, error) from None
 

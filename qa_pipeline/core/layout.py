@@ -24,10 +24,14 @@ class Table(StrEnum):
     QUESTION_DUPLICATES = "question_duplicates"  # one partition, written by the report
     JUDGEMENTS = "judgements"  # one partition per judged_sample run
     MODEL_COMPARISON = "model_comparison"  # one partition, written by `qa-pipeline compare`
+    MULTIHOP_PAIRS = "multihop_pairs"  # optional: questions that need two or three chunks (core/multihop.py)
+    MULTIHOP_FAILURES = "multihop_failures"  # the groups of chunks that got no multi-hop pair, and why
 
 
 # The tables of each document, one partition per document (partition key = the `document` column).
-PARTITIONED_TABLES = (Table.CHUNKS, Table.QA_PAIRS, Table.FAILURES, Table.PAIR_SCORES)
+PARTITIONED_TABLES = (
+    Table.CHUNKS, Table.QA_PAIRS, Table.FAILURES, Table.PAIR_SCORES, Table.MULTIHOP_PAIRS, Table.MULTIHOP_FAILURES,
+)
 # Tables kept apart per named model (see `DataLayout.for_model`); chunks and the test sample are shared.
 MODEL_TABLES = (Table.QA_PAIRS, Table.FAILURES, Table.PAIR_SCORES, Table.BENCHMARK_RUNS)
 
@@ -112,8 +116,12 @@ class DataLayout:
     def partition_file(self, table: str, document: str) -> Path:
         return self.table_dir(table) / f"{safe_file_stem(document)}.parquet"
 
-    def journal_file(self, document: str) -> Path:
+    def journal_file(self, document: str, table: str = Table.QA_PAIRS) -> Path:
+        """The journal (response cache) of one document's requests for `table`: `qa_pairs`, or
+        `multihop_pairs` in a folder of its own."""
         folder = self.root / "journal" if self.model is None else self.root / "journal" / "models" / self.model
+        if table != Table.QA_PAIRS:
+            folder = folder / str(table)
         return folder / f"{safe_file_stem(document)}.jsonl"
 
     @property

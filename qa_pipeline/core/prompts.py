@@ -65,6 +65,13 @@ class QAPair(BaseModel):
         return value.strip().lower() if isinstance(value, str) else value
 
 
+class MultiHopPair(QAPair):
+    """A question that needs several chunks: `hop_evidence[i]` holds the quotes from hop i's chunk, and
+    `evidence` all of them, in hop order (so readers of `evidence` alone still see every quote)."""
+
+    hop_evidence: list[list[str]] = Field(min_length=2)
+
+
 class QAPairSet(BaseModel):
     """What a server that ignores the schema may return for one chunk: a list of typed pairs."""
 
@@ -264,3 +271,107 @@ def _validation_failure(error: ValidationError, prefix: str = "") -> ParseError:
     where = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "") or "root"
     reason = FailureReason.MISSING_FIELD if first["type"] == "missing" else FailureReason.INVALID_VALUE
     return ParseError(reason, f"{where}: {first['msg']}")
+
+
+# multihop-v1: one question needing every passage of a group, with evidence quoted from each passage.
+MULTIHOP_PROMPT_VERSION = "multihop-v1"
+MULTIHOP_TYPE = "multi_hop"
+MULTIHOP_SYSTEM_PROMPT = (
+    "You write question/answer pairs for evaluating retrieval systems. Every question must need all the "
+    "passages it is given to be answered, and every answer must use only facts stated in them. "
+    "Reply with JSON only."
+)
+
+
+def evidence_field(hop: int) -> str:
+    """The schema field holding the quotes of passage `hop` (counted from 1)."""
+    return f"evidence_{hop}"
+
+
+def multihop_schema(hops: int) -> dict:
+    """The JSON schema of a multi-hop answer: the question, one evidence slot per passage (so structured
+    output makes the model quote every passage), the answer and a difficulty label."""
+    quotes = {
+        evidence_field(hop): {
+            "type": "array",
+            "description": f"sentences copied word for word from passage {hop} that the answer needs",
+            "items": {"type": "string", "minLength": 1, "maxLength": MAX_QUOTE_CHARS},
+            "minItems": 1,
+            "maxItems": MAX_EVIDENCE_QUOTES,
+        }
+        for hop in range(1, hops + 1)
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "question": {"type": "string", "minLength": 3, "maxLength": MAX_QUESTION_CHARS},
+            **quotes,
+            "answer": {"type": "string", "minLength": 1, "maxLength": MAX_ANSWER_CHARS},
+            "difficulty": {"type": "string", "enum": list(DIFFICULTIES)},
+        },
+        "required": ["question", *quotes, "answer", "difficulty"],
+        "additionalProperties": False,
+    }
+
+
+def build_multihop_messages(passages: Sequence[tuple[Sequence[str], str]]) -> list[dict[str, str]]:
+    """Chat messages asking for one question that needs every passage (heading path, text), with
+    evidence quoted from each."""
+    blocks = []
+    for hop, (heading_path, content) in enumerate(passages, start=1):
+        section = f" (section: {' > '.join(heading_path)})" if heading_path else ""
+        blocks.append(f"Passage {hop}{section}:\n{PASSAGE_OPEN}\n{content}\n{PASSAGE_CLOSE}")
+    slots = ", ".join(f'"{evidence_field(hop)}": [...]' for hop in range(1, len(passages) + 1))
+    user = (
+        f"Write one question whose answer needs facts from all {len(passages)} passages below: a reader who "
+        "sees only one of them cannot answer it. For each passage, first copy into its evidence the sentence "
+        "or sentences of that passage the answer needs, exactly as they are written there; then write the "
+        "answer from them, and rate how hard the question is (easy, medium or hard).\n"
+        f'Return {{"question": ..., {slots}, "answer": ..., "difficulty": ...}}.\n\n'
+        + "\n\n".join(blocks)
+    )
+    return [{"role": "system", "content": MULTIHOP_SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def extract_passages(text: str) -> list[str]:
+    """Every passage inside a prompt, in order (one for `build_messages`, one per hop for
+    `build_multihop_messages`)."""
+    passages, start = [], text.find(PASSAGE_OPEN)
+    while start != -1:
+        end = text.find(PASSAGE_CLOSE, start)
+        if end == -1:
+            break
+        passages.append(text[start + len(PASSAGE_OPEN) : end].strip())
+        start = text.find(PASSAGE_OPEN, end)
+    return passages
+
+
+def parse_multihop_pair(content: str | None, finish_reason: str | None, hops: int) -> MultiHopPair:
+    """The multi-hop pair of a chat completion's content, or a ParseError saying why not. Every passage
+    must have at least one quote: a question that quotes one passage only is not multi-hop."""
+    if finish_reason == "length":
+        raise ParseError(FailureReason.TRUNCATED, "output was cut by max_tokens (finish_reason=length)")
+    if content is None or not content.strip():
+        raise ParseError(FailureReason.EMPTY_RESPONSE, "the server returned no content")
+    try:
+        data = json.loads(_json_candidate(content))
+    except json.JSONDecodeError as error:
+        raise ParseError(FailureReason.INVALID_JSON, f"{error.msg} at position {error.pos}") from None
+    if not isinstance(data, dict):
+        raise ParseError(FailureReason.INVALID_VALUE, "expected an object with question, evidence and answer")
+    hop_evidence = []
+    for hop in range(1, hops + 1):
+        quotes = data.get(evidence_field(hop))
+        if not quotes:
+            raise ParseError(FailureReason.MISSING_FIELD, f"{evidence_field(hop)}: no quote from passage {hop}")
+        if not isinstance(quotes, list) or not all(isinstance(quote, str) for quote in quotes):
+            raise ParseError(FailureReason.INVALID_VALUE, f"{evidence_field(hop)}: expected a list of quotes")
+        hop_evidence.append(quotes)
+    fields = {key: data.get(key) for key in ("question", "answer", "difficulty") if key in data}
+    try:
+        return MultiHopPair.model_validate(
+            {**fields, "type": MULTIHOP_TYPE, "evidence": [q for quotes in hop_evidence for q in quotes],
+             "hop_evidence": hop_evidence}
+        )
+    except ValidationError as error:
+        raise _validation_failure(error) from None

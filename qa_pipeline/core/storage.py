@@ -9,7 +9,7 @@ import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +22,7 @@ from qa_pipeline.core.chunking import CHUNK_SCHEMA
 from qa_pipeline.core.documents import FileStamp
 from qa_pipeline.core.layout import MODEL_TABLES, PARTITIONED_TABLES, DataLayout, Table, safe_file_stem
 from qa_pipeline.core.table_files import Compaction, TableFiles
-from qa_pipeline.core.prompts import QAPair
+from qa_pipeline.core.prompts import MultiHopPair, QAPair
 
 QA_PAIRS_SCHEMA: dict[str, pl.DataType] = {
     "document": pl.String(),
@@ -42,6 +42,10 @@ QA_PAIRS_SCHEMA: dict[str, pl.DataType] = {
     "endpoint": pl.String(),
     "request_hash": pl.String(),
     "prompt_version": pl.String(),
+    # The sampling of the request that gave the pair (a re-ask of a rejected answer samples hotter and
+    # may have a larger budget); null in files written before they were recorded.
+    "max_tokens": pl.Int32(),
+    "temperature": pl.Float64(),
     "generated_at": pl.Datetime("us", "UTC"),
 }
 
@@ -178,6 +182,42 @@ COMPARISON_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+# Questions that need two or three chunks of one document (core/multihop.py), their evidence located in
+# each hop's chunk: one row per pair, `group_id` the hop chunk ids joined by "+".
+MULTIHOP_PAIRS_SCHEMA: dict[str, pl.DataType] = {
+    "document": pl.String(),
+    "group_id": pl.String(),
+    "hop_chunk_ids": pl.List(pl.String()),
+    "linked_by": pl.String(),  # "heading", "terms" or "heading+terms": why the chunks were grouped
+    "shared_terms": pl.List(pl.String()),
+    "pair_index": pl.Int32(),
+    "question": pl.String(),
+    "answer": pl.String(),
+    "type": pl.String(),
+    "difficulty": pl.String(),
+    # Every quote in hop order, the chunk it was quoted from, and where it is in that chunk's content
+    # (null where not found); a pair scores as its weakest quote, 0 when a hop has none.
+    "evidence": pl.List(pl.String()),
+    "evidence_chunk_ids": pl.List(pl.String()),
+    "evidence_starts": pl.List(pl.Int32()),
+    "evidence_ends": pl.List(pl.Int32()),
+    "evidence_methods": pl.List(pl.String()),
+    "evidence_not_found": pl.Int32(),
+    "evidence_score": pl.Float64(),
+    "model": pl.String(),
+    "latency_s": pl.Float64(),
+    "prompt_tokens": pl.Int64(),
+    "completion_tokens": pl.Int64(),
+    "attempts": pl.Int32(),
+    "endpoint": pl.String(),
+    "request_hash": pl.String(),
+    "prompt_version": pl.String(),
+    "max_tokens": pl.Int32(),
+    "temperature": pl.Float64(),
+    "generated_at": pl.Datetime("us", "UTC"),
+}
+
+
 # Every table's columns, by table: the views, the writers and the readers use these.
 TABLE_SCHEMAS: dict[Table, dict[str, pl.DataType]] = {
     Table.CHUNKS: CHUNK_SCHEMA,
@@ -188,6 +228,8 @@ TABLE_SCHEMAS: dict[Table, dict[str, pl.DataType]] = {
     Table.QUESTION_DUPLICATES: QUESTION_DUPLICATES_SCHEMA,
     Table.JUDGEMENTS: JUDGEMENTS_SCHEMA,
     Table.MODEL_COMPARISON: COMPARISON_SCHEMA,
+    Table.MULTIHOP_PAIRS: MULTIHOP_PAIRS_SCHEMA,
+    Table.MULTIHOP_FAILURES: FAILURES_SCHEMA,
 }
 
 
@@ -198,7 +240,8 @@ class ChunkResult(BaseModel):
     chunk_id: str
     request_hash: str
     ok: bool
-    pairs: list[QAPair] = Field(default_factory=list)
+    # A multi-hop answer's pair keeps its quotes per hop (validated as MultiHopPair when it has them).
+    pairs: list[MultiHopPair | QAPair] = Field(default_factory=list)
     reason: str | None = None
     detail: str | None = None
     http_status: int | None = None
@@ -211,6 +254,7 @@ class ChunkResult(BaseModel):
     prompt_version: str = ""
     finished_at: datetime
     max_tokens_used: int | None = None  # the max_tokens of the request that gave this result
+    temperature: float | None = None  # the temperature of the request that gave this result
 
 
 class StorageFullError(OSError):
@@ -484,6 +528,8 @@ def results_to_frames(results: Iterable[ChunkResult]) -> tuple[pl.DataFrame, pl.
                         "endpoint": r.endpoint,
                         "request_hash": r.request_hash,
                         "prompt_version": r.prompt_version,
+                        "max_tokens": r.max_tokens_used,
+                        "temperature": r.temperature,
                         "generated_at": r.finished_at,
                     }
                 )
@@ -508,6 +554,29 @@ def results_to_frames(results: Iterable[ChunkResult]) -> tuple[pl.DataFrame, pl.
         pl.DataFrame(pair_rows, schema=QA_PAIRS_SCHEMA),
         pl.DataFrame(failure_rows, schema=FAILURES_SCHEMA),
     )
+
+
+@dataclass(frozen=True)
+class ResultTables:
+    """Where one kind of journaled result is published: its pairs and failures tables (and scores, for
+    `qa_pairs`), which requests a document currently has, and how results become rows."""
+
+    pairs: Table
+    failures: Table
+    # The document's current request ids (chunk ids, or multi-hop group ids), in order, from its chunks.
+    current_ids: Callable[[pl.DataFrame], list[str]]
+    # The pairs and failures rows of the selected results; the document's chunks are at hand.
+    frames: Callable[[list[ChunkResult], pl.DataFrame], tuple[pl.DataFrame, pl.DataFrame]]
+    scores: Table | None = None
+
+
+QA_TABLES = ResultTables(
+    Table.QA_PAIRS,
+    Table.FAILURES,
+    current_ids=lambda chunks: chunks.sort("position")["chunk_id"].to_list(),
+    frames=lambda selected, chunks: results_to_frames(selected),
+    scores=Table.PAIR_SCORES,
+)
 
 
 @dataclass(frozen=True)
@@ -549,25 +618,30 @@ class Storage:
         self.layout = layout
         self._table_files: dict[str, TableFiles] = {}
 
-    def publish_document(self, document: str, results: Iterable[ChunkResult]) -> PublishedDocument:
-        """Writes a document's `qa_pairs`, `failures` and `pair_scores` from the results of its chunks
-        (the generator's or a journal's: `best_results` picks one per current chunk) and returns them.
+    def publish_document(
+        self, document: str, results: Iterable[ChunkResult], tables: ResultTables = QA_TABLES
+    ) -> PublishedDocument:
+        """Writes a document's `qa_pairs`, `failures` and `pair_scores` (or another kind's `tables`) from
+        the results of its requests (the generator's or a journal's: `best_results` picks one per current
+        chunk or group) and returns them.
 
-        The one way a document's answers reach its tables, for `qa_pairs` runs and `import-batch` alike.
-        The scores are computed from the frames in hand, not read back.
+        The one way a document's answers reach its tables, for `qa_pairs` and `multihop_pairs` runs and
+        `import-batch` alike. The scores are computed from the frames in hand, not read back.
         """
         from qa_pipeline.core.quality import score_pairs, scores_are_current  # quality reads through Storage
 
         chunks = self.read_partition(Table.CHUNKS, document)
         if chunks is None:
             chunks = pl.DataFrame(schema=CHUNK_SCHEMA)
-        selected = best_results(results, chunks.sort("position")["chunk_id"].to_list())
-        pairs, failures = results_to_frames(selected)
+        selected = best_results(results, tables.current_ids(chunks))
+        pairs, failures = tables.frames(selected, chunks)
         # An unchanged document (answers from the cache, as in a run spanning edited neighbours) keeps its
         # files, and its scores unless the scorer changed. pair_scores last: a scores file older than its
         # qa_pairs file means "score again" (refresh_pair_scores).
-        written = self.write_partition_if_changed(Table.QA_PAIRS, document, pairs)
-        written = self.write_partition_if_changed(Table.FAILURES, document, failures) or written
+        written = self.write_partition_if_changed(tables.pairs, document, pairs)
+        written = self.write_partition_if_changed(tables.failures, document, failures) or written
+        if tables.scores is None:  # the pairs carry their own evidence scores
+            return PublishedDocument(document, chunks, pairs, failures, pairs, answered=len(selected))
         scores = None if written else self.read_partition(Table.PAIR_SCORES, document)
         if not scores_are_current(scores, pairs):
             scores = score_pairs(pairs, chunks)
@@ -666,7 +740,12 @@ class Storage:
                 # folder first, so the marker keeps the document out of the segment it is writing.
                 if files.compacted_dir.exists():
                     _write_bytes_atomic(document.encode("utf-8"), files.deleted_marker(stem))
-        for journal in dict.fromkeys(storage.layout.journal_file(document) for storage in self._model_storages()):
+        journals = (
+            storage.layout.journal_file(document, table)
+            for storage in self._model_storages()
+            for table in (Table.QA_PAIRS, Table.MULTIHOP_PAIRS)
+        )
+        for journal in dict.fromkeys(journals):
             if journal.exists():
                 trash = trash_of()
                 _move(journal, trash / journal.relative_to(self.layout.root))
