@@ -91,6 +91,7 @@ def command_run(args: argparse.Namespace) -> int:
         stall_timeout_s=args.stall_timeout,
         failure_threshold=args.failure_threshold,
         model=args.model,
+        multihop=args.multihop,
     )
     started = time.monotonic()
     signals = _Signals()
@@ -429,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"sweep concurrency levels even if this model and server were benchmarked in the last "
         f"{defaults.BENCHMARK_REUSE_DAYS} days (by default that benchmark is reused)",
+    )
+    run.add_argument(
+        "--multihop",
+        action="store_true",
+        help="also ask questions that need two or three related chunks of a document (`multihop_pairs`)",
     )
     run.add_argument(
         "--chunks-only", action="store_true", help="stop after chunking (to inspect chunks before generating)"

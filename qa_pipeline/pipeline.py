@@ -32,6 +32,7 @@ from qa_pipeline.defs.sensors import LAUNCHED_BY_TAG, sync_document_partitions
 CHUNKS, TEST_SAMPLE, BENCHMARK = dg.AssetKey("chunks"), dg.AssetKey("test_sample"), dg.AssetKey("concurrency_benchmark")
 QA_PAIRS, REPORT = dg.AssetKey("qa_pairs"), dg.AssetKey("quality_report")
 MODEL_BENCHMARK, QA_PAIRS_BY_MODEL = dg.AssetKey("model_concurrency_benchmark"), dg.AssetKey("qa_pairs_by_model")
+MULTIHOP = dg.AssetKey("multihop_pairs")
 PARTITION_TAG = "dagster/partition"
 
 # A CPU-served 135M model saturates early; a full sweep up to 64 would take most of the demo,
@@ -64,6 +65,7 @@ class PipelineOptions:
     stall_timeout_s: float | None = None  # None: QA_PIPELINE_STALL_TIMEOUT_S
     failure_threshold: float = defaults.DEFAULT_FAILURE_THRESHOLD
     model: str | None = None  # a named model of QA_PIPELINE_MODELS_FILE: `qa_pairs_by_model` instead of `qa_pairs`
+    multihop: bool = False  # also `multihop_pairs` (optional: questions needing two or three chunks)
 
 
 @dataclass
@@ -234,6 +236,9 @@ def _run_pipeline(
                 outcome.stopped = _stop_reason(result) or "benchmark"
                 return outcome
         outcome.succeeded = _run_documents(launcher, [QA_PAIRS], runs_of(chunked), outcome, log, last_extra=[REPORT])
+        if options.multihop and outcome.succeeded and not outcome.stopped:
+            multihop = _run_documents(launcher, [MULTIHOP], runs_of(outcome.succeeded), outcome, log)
+            outcome.succeeded = [key for key in outcome.succeeded if key in multihop]
     finally:
         if llm_settings.embedded and not embedded_was_running:
             from qa_pipeline.core.embedded import stop_embedded_server
@@ -450,4 +455,6 @@ def _ops_config(options: PipelineOptions, llm: LLMSettings) -> dict:
         "qa_pairs": {"config": qa},
         "model_concurrency_benchmark": {"config": benchmark},
         "qa_pairs_by_model": {"config": qa},
+        # One question per group of chunks: the question types are not its settings.
+        "multihop_pairs": {"config": {k: v for k, v in qa.items() if k not in ("question_types", "question_type_descriptions")}},
     }

@@ -75,6 +75,15 @@ class _Material:
     sentences: tuple[str, ...]
     passage: str = ""
     evidence: EvidenceRates = EvidenceRates()
+    # A multi-hop prompt's passages, each its own material: the quotes of slot `evidence_N` come from hop N.
+    hops: tuple[_Material, ...] = ()
+
+    def hop(self, name: str) -> _Material:
+        """The material an evidence field quotes: its hop's passage (`evidence_2`: the second), else this one."""
+        numbered = _HOP_FIELD.search(name)
+        if numbered and self.hops and 1 <= int(numbered.group(1)) <= len(self.hops):
+            return self.hops[int(numbered.group(1)) - 1]
+        return self
 
     def sentence(self, index: int) -> str:
         return self.sentences[index % len(self.sentences)]
@@ -83,6 +92,7 @@ class _Material:
         return _topic(self.sentence(index))
 
 
+_HOP_FIELD = re.compile(r"_(\d+)$")
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'’_-]*")
 _LEADING_STOPWORDS = frozenset(
@@ -95,12 +105,14 @@ _PHRASE_BREAKS = frozenset(
 )
 
 
-def _material(passage: str, evidence: EvidenceRates = EvidenceRates()) -> _Material:
+def _material(
+    passage: str, evidence: EvidenceRates = EvidenceRates(), hops: tuple[str, ...] = ()
+) -> _Material:
     units = [unit.strip() for unit in _SENTENCE_BREAK.split(passage)]
     sentences = [unit for unit in units if _counts_words(unit, 3)] or [unit for unit in units if unit]
     if not sentences:
         sentences = ["The passage is empty."]
-    return _Material(tuple(sentences), passage, evidence)
+    return _Material(tuple(sentences), passage, evidence, tuple(_material(hop, evidence) for hop in hops))
 
 
 def _counts_words(text: str, count: int) -> bool:
@@ -300,9 +312,10 @@ class _SchemaCompiler:
 
         def generate(draw: _Draw) -> list[Any]:
             n = count if draw.depth < _MAX_DEPTH else low
-            if evidence:  # quotes: the pair's own sentence first, then the one after it
+            if evidence:  # quotes: the pair's own sentence first, then the one after it (of its hop's passage)
                 n = max(low, min(n, 2))
-                return [item(_Draw(draw.material, draw.item + index, None, draw.depth + 1, parent_item=draw.item))
+                material = draw.material.hop(name)
+                return [item(_Draw(material, draw.item + index, None, draw.depth + 1, parent_item=draw.item))
                         for index in range(n)]
             return [item(_Draw(draw.material, index, None, draw.depth + 1)) for index in range(n)]
 
@@ -398,9 +411,13 @@ def _schema_generator(schema_key: str) -> _Generate:
 
 
 @lru_cache(maxsize=4096)
-def render(schema_key: str, passage: str, evidence: EvidenceRates = EvidenceRates()) -> str:
-    """The JSON answer for one passage; cached because clients re-send the same chunks."""
-    return json.dumps(_schema_generator(schema_key)(_Draw(_material(passage, evidence))), ensure_ascii=False)
+def render(
+    schema_key: str, passage: str, evidence: EvidenceRates = EvidenceRates(), hops: tuple[str, ...] = ()
+) -> str:
+    """The JSON answer for one passage (or, with `hops`, for a multi-hop prompt's passages, `passage`
+    being all of them); cached because clients re-send the same chunks."""
+    material = _material(passage, evidence, hops)
+    return json.dumps(_schema_generator(schema_key)(_Draw(material)), ensure_ascii=False)
 
 
 # Without a schema in the request, the answer has the shape the project's prompt asks for.

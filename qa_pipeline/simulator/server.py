@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from qa_pipeline.core.prompts import PASSAGE_OPEN, extract_passage
+from qa_pipeline.core.prompts import PASSAGE_OPEN, extract_passage, extract_passages
 from qa_pipeline.simulator.config import HOST, FaultConfig, FaultKind, SimulatorConfig
 from qa_pipeline.simulator.content import (
     QA_SCHEMA_KEY,
@@ -206,6 +206,11 @@ class Simulator:
         prompt = "\n".join(texts)
         # Without passage markers, the last message is what the model is asked about.
         passage = extract_passage(prompt if PASSAGE_OPEN in prompt else texts[-1])
+        # A multi-hop prompt holds several passages: each evidence slot quotes its own.
+        hops = tuple(extract_passages(prompt))
+        hops = hops if len(hops) > 1 else ()
+        if hops:
+            passage = "\n\n".join(hops)
         self.stats.requests_by_passage[passage_key(passage)] += 1
         # About four characters per token, plus the chat template's few tokens per message.
         prompt_tokens = len(prompt) // 4 + 4 * len(body["messages"])
@@ -235,8 +240,8 @@ class Simulator:
 
         served = profiled.config if profiled else self.config
         if _draw(prompt, "ungrounded") < served.ungrounded_rate:
-            passage = _UNGROUNDED_PASSAGE
-        content, fenced = self._content(body.get("response_format"), passage)
+            passage, hops = _UNGROUNDED_PASSAGE, ()
+        content, fenced = self._content(body.get("response_format"), passage, hops)
         drawn = self._output_tokens(prompt, served)
         output_tokens = drawn
         if fault is FaultKind.TRUNCATE:
@@ -284,7 +289,7 @@ class Simulator:
             raise _ConnectionDropped
         return None
 
-    def _content(self, response_format: Any, passage: str) -> tuple[str, bool]:
+    def _content(self, response_format: Any, passage: str, hops: tuple[str, ...] = ()) -> tuple[str, bool]:
         """The JSON answer, and whether to wrap it in prose and a code fence (no response_format asked)."""
         evidence = self.config.evidence()
         if response_format is None or response_format == {"type": "text"}:
@@ -298,7 +303,7 @@ class Simulator:
         if not isinstance(schema, dict):
             raise _BadRequest(400, "BadRequestError", "response_format.json_schema.schema must be a JSON object")
         try:
-            return render(self._schema_key(schema), passage, evidence), False
+            return render(self._schema_key(schema), passage, evidence, hops), False
         except SchemaError as error:
             raise _BadRequest(400, "BadRequestError", f"response_format schema: {error}") from None
 
