@@ -310,12 +310,16 @@ def command_export_batch(args: argparse.Namespace) -> int:
 
 def command_import_batch(args: argparse.Namespace) -> int:
     from qa_pipeline.core.batch import import_batch_output
+    from qa_pipeline.core.generation import GenerationSettings
 
     path = Path(args.file)
     if not path.is_file():
         print(f"qa-pipeline import-batch: {path} does not exist", file=sys.stderr)
         return 2
-    imported = import_batch_output(Storage(DataLayout.from_env(args.data_dir)), path)
+    settings = GenerationSettings(max_tokens=args.max_tokens, temperature=args.temperature)
+    if args.question_types:
+        settings = settings.model_copy(update={"question_types": tuple(args.question_types.split(","))})
+    imported = import_batch_output(Storage(DataLayout.from_env(args.data_dir)), path, settings)
     print(
         f"{imported.imported} chunks with QA pairs and {imported.failed} failed chunks imported into "
         f"{len(imported.documents)} documents"
@@ -550,6 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
     import_batch = sub.add_parser("import-batch", help="read a batch output file back into qa_pairs and failures")
     import_batch.add_argument("file")
     import_batch.add_argument("--data-dir")
+    import_batch.add_argument(
+        "--question-types",
+        help="the --question-types the requests were exported with (default: factual,conceptual,comparison)",
+    )
+    import_batch.add_argument("--max-tokens", type=_positive_int, default=defaults.DEFAULT_MAX_TOKENS,
+                              help="the --max-tokens of export-batch, recorded with the pairs")
+    import_batch.add_argument("--temperature", type=float, default=0.0,
+                              help="the --temperature of export-batch, recorded with the pairs")
     import_batch.set_defaults(func=command_import_batch)
 
     simulate = sub.add_parser("simulate", help="start the vLLM-compatible simulator on loopback")

@@ -203,6 +203,34 @@ def test_a_batch_answered_by_the_simulator_imports_back_to_the_rows_of_the_onlin
     assert f"0 requests written to {requests} ({len(tasks)} chunks already have QA pairs" in again.stdout
 
 
+def test_a_batch_of_custom_question_types_imports_pairs_of_those_types_and_says_when_the_types_differ(tmp_path):
+    tasks = sample_chunks(tmp_path / "batch")
+    env = cli_env(tmp_path / "batch")
+    requests, results = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    run_cli("export-batch", str(requests), "--model", "sim-model", "--question-types", "definition,usage", env=env)
+    subprocess.run(
+        [sys.executable, "-m", "qa_pipeline.simulator", "batch", str(requests), str(results), "--zero-latency",
+         "--output-tokens-max=800"],
+        check=True, cwd=REPO, capture_output=True, timeout=300,
+    )
+
+    # Imported as if the default types had been asked: each answer is recorded as failed, saying why.
+    wrong = run_cli("import-batch", str(results), env=env)
+    assert f"0 chunks with QA pairs and {len(tasks)} failed chunks" in wrong.stdout
+    failures = storage_at(tmp_path / "batch").read_partition("failures", "pep-0020.rst")
+    assert set(failures["reason"]) == {"missing_field"}
+    assert "fills the question types ['definition', 'usage']" in failures["detail"][0]
+
+    # With the types of the export, every chunk gets one pair of each, in order, and no failure is left.
+    imported = run_cli("import-batch", str(results), "--question-types", "definition,usage", env=env)
+    assert f"{len(tasks)} chunks with QA pairs and 0 failed chunks" in imported.stdout
+    pairs = storage_at(tmp_path / "batch").read_partition("qa_pairs", "pep-0020.rst")
+    for _, chunk_pairs in pairs.group_by("chunk_id", maintain_order=True):
+        assert chunk_pairs.sort("pair_index")["type"].to_list() == ["definition", "usage"]
+    assert pairs["chunk_id"].n_unique() == len(tasks)
+    assert storage_at(tmp_path / "batch").read_partition("failures", "pep-0020.rst").height == 0
+
+
 def test_failed_and_invalid_batch_lines_become_failure_records(tmp_path):
     tasks = sample_chunks(tmp_path / "data")
     storage = storage_at(tmp_path / "data")

@@ -122,13 +122,16 @@ def outcome_from_batch_line(line: dict, endpoint: str) -> ChatOutcome:
     )
 
 
-def import_batch_output(storage: Storage, path: Path) -> BatchImport:
+def import_batch_output(storage: Storage, path: Path, settings: GenerationSettings | None = None) -> BatchImport:
     """Reads a batch output file into the journal (validated like an online answer: pairs or a failure
     record), then rewrites `qa_pairs`, `failures` and `pair_scores` of every document it touches.
 
     Lines are joined to chunks on `custom_id`; the journal keys them by the request hash inside it,
     so a later `qa_pairs` run with the same model and settings reuses them instead of asking again.
+    `settings` are those the requests were exported with: their question types are the slots each
+    answer must fill (an output file does not hold its requests, so they cannot be read from it).
     """
+    settings = settings or GenerationSettings()
     chunks = {row["chunk_id"]: row for row in storage.query(CHUNKS_SQL).iter_rows(named=True)}
     endpoint = f"batch:{path.name}"
     summary = BatchImport()
@@ -150,7 +153,9 @@ def import_batch_output(storage: Storage, path: Path) -> BatchImport:
             task = ChunkTask(chunk["document"], chunk_id, chunk["content"], tuple(chunk["heading_path"]))
             outcome = outcome_from_batch_line(line, endpoint)
             body = (line.get("response") or {}).get("body") or {}
-            result = result_from_outcome(task, key, str(body.get("model") or ""), outcome)
+            result = result_from_outcome(
+                task, key, str(body.get("model") or ""), outcome, settings.max_tokens, settings, settings.temperature
+            )
             results[task.document].append(result)
             if result.ok:
                 summary.imported += 1

@@ -39,7 +39,8 @@ SELECT q.document, q.chunk_id, q.pair_index, q.question, q.answer, q.type, q.dif
        s.groundedness, coalesce(s.unsupported_numbers, []) AS unsupported_numbers,
        coalesce(s.refusal, false) AS refusal, s.language,
        coalesce(s.evidence_starts, []) AS evidence_starts, coalesce(s.evidence_ends, []) AS evidence_ends,
-       s.evidence_score, c.source_chunk_id, c.service, c.doc_type, c.metadata_json AS metadata
+       s.evidence_score, c.source_chunk_id, c.service, c.doc_type, c.metadata_json AS metadata,
+       [q.chunk_id] AS hop_chunk_ids, q.max_tokens, q.temperature
 FROM qa_pairs q
 JOIN chunks c USING (document, chunk_id)
 LEFT JOIN pair_scores s USING (document, chunk_id, pair_index)
@@ -64,6 +65,7 @@ class ExportOptions(BaseModel):
     min_evidence: float | None = Field(
         None, ge=0, le=1, description="drop pairs whose weakest evidence quote scores below this (or who quote none)"
     )
+    include_multihop: bool = Field(True, description="also the multi-hop pairs (`multihop_pairs`), if any")
     drop_refusals: bool = False
     drop_invented_numbers: bool = Field(False, description="drop answers with numbers their chunk does not contain")
     drop_duplicates: bool = Field(False, description="keep only the first of duplicate questions, dataset-wide")
@@ -140,6 +142,9 @@ def select_pairs(storage: Storage, options: ExportOptions) -> tuple[pl.DataFrame
     """The pairs to export (with context and scores) and how many each filter dropped."""
     refresh_pair_scores(storage)
     rows = storage.query(EXPORT_SQL)
+    if options.include_multihop:
+        multihop = multihop_rows(storage, rows.schema)
+        rows = pl.concat([rows, multihop]).sort("document", "position", maintain_order=True)
     dropped: dict[str, int] = {}
 
     def drop(reason: str, keep: pl.Expr | pl.Series) -> None:
@@ -172,7 +177,7 @@ def select_pairs(storage: Storage, options: ExportOptions) -> tuple[pl.DataFrame
 RECORD_COLUMNS = (
     "id", "split", "document", "chunk_id", "pair_index", "question", "answer", "type", "difficulty", "context",
     "heading_path", "evidence", "evidence_starts", "evidence_ends", "evidence_score", "model", "prompt_version",
-    "groundedness", "language", "source_chunk_id", "service", "doc_type", "metadata",
+    "groundedness", "language", "source_chunk_id", "service", "doc_type", "metadata", "hop_chunk_ids",
 )
 
 
@@ -237,7 +242,8 @@ def export_dataset(storage: Storage, out_dir: Path, options: ExportOptions | Non
     if "beir" in options.formats:
         summary.files += write_beir(out_dir, records, storage.query(CORPUS_SQL))
     if "hf" in options.formats:
-        summary.files += write_hf(out_dir, records, dataset_card(records, summary, options), "QA pairs")
+        card = dataset_card(records, summary, options, rows.select("max_tokens", "temperature"))
+        summary.files += write_hf(out_dir, records, card, "QA pairs")
     manifest = {
         "created_at": datetime.now(UTC).isoformat(),
         "options": options.model_dump(mode="json"),
@@ -253,17 +259,61 @@ def export_dataset(storage: Storage, out_dir: Path, options: ExportOptions | Non
 
 
 CORPUS_SQL = "SELECT * FROM chunks ORDER BY document, position"
+# Between the passages of a multi-hop pair's `context`.
+HOP_SEPARATOR = "\n\n"
+MULTIHOP_SQL = """
+SELECT m.*, c.content, c.heading_path, c.position, c.source_chunk_id, c.service, c.doc_type, c.metadata_json
+FROM (SELECT *, unnest(hop_chunk_ids) AS hop_chunk_id, generate_subscripts(hop_chunk_ids, 1) AS hop FROM multihop_pairs) m
+JOIN chunks c ON c.document = m.document AND c.chunk_id = m.hop_chunk_id
+ORDER BY m.document, m.group_id, m.pair_index, m.hop
+"""
 
 
-def dataset_card(records: pl.DataFrame, summary: ExportSummary, options: ExportOptions) -> str:
-    """The dataset card's text: what the data is, how it was made, and its quality figures with how they
-    were measured."""
+def multihop_rows(storage: Storage, columns: dict[str, pl.DataType]) -> pl.DataFrame:
+    """The multi-hop pairs as export rows (the columns of EXPORT_SQL): `chunk_id` is the group id,
+    `context` the hop chunks joined by a blank line, evidence offsets moved into that context (so
+    `context[start:end]` is a quote, as for single-chunk pairs), ids and metadata of the first hop."""
+    hops = storage.query(MULTIHOP_SQL)
+    rows = []
+    for _, group in hops.group_by("document", "group_id", "pair_index", maintain_order=True):
+        if group.height != group["hop_chunk_ids"][0].len():  # a hop chunk is gone: the pair is stale
+            continue
+        first = group.row(0, named=True)
+        shift, offset = {}, 0
+        for chunk_id, content in group.select("hop_chunk_id", "content").iter_rows():
+            shift[chunk_id] = offset
+            offset += len(content) + len(HOP_SEPARATOR)
+        moved = {
+            name: [None if v is None else v + shift[c] for v, c in zip(first[name], first["evidence_chunk_ids"], strict=True)]
+            for name in ("evidence_starts", "evidence_ends")
+        }
+        rows.append({
+            **{name: first.get(name) for name in columns},
+            "chunk_id": first["group_id"],
+            "evidence": first["evidence"],
+            "context": HOP_SEPARATOR.join(group["content"].to_list()),
+            "unsupported_numbers": [],
+            "refusal": False,
+            **moved,
+            "metadata": first["metadata_json"],
+        })
+    return pl.DataFrame(rows, schema=columns)
+
+
+def dataset_card(
+    records: pl.DataFrame, summary: ExportSummary, options: ExportOptions, sampling: pl.DataFrame | None = None
+) -> str:
+    """The dataset card's text: what the data is, how it was made (model, prompt versions, the question
+    types, `sampling`: the max_tokens and temperature of each row's request), and its quality figures
+    with how they were measured."""
     evidence = records["evidence_score"]
     not_found = records.filter(pl.col("evidence_score").fill_null(0.0) < FUZZY_MIN_SCORE).height
     types = dict(records.group_by("type").len().sort("type").iter_rows())
     difficulty = dict(records.group_by(pl.col("difficulty").fill_null("(none)")).len().sort("difficulty").iter_rows())
     models = ", ".join(records["model"].unique().sort().to_list()) or "none"
     prompts = ", ".join(records["prompt_version"].unique().sort().to_list()) or "none"
+    multihop = records.filter(pl.col("hop_chunk_ids").list.len() > 1).height
+    sampling = sampling if sampling is not None else pl.DataFrame(schema={"max_tokens": pl.Int32, "temperature": pl.Float64})
     split_lines = "\n".join(
         f"| {HF_SPLITS[split]} | {summary.rows[split]} | {len(summary.groups[split])} |" for split in SPLITS
     )
@@ -293,10 +343,15 @@ question was seen in training.
 - structured output: a JSON schema with one slot per question type, so every chunk gets one question of each
   type, in order; each slot asks for the question, one or more sentences quoted from the passage as
   evidence, the answer and a difficulty label (easy, medium, hard)
-- question types: {_counts(types)}
+- question types (pairs per type): {_counts(types)}
+- multi-hop pairs (type `multi_hop`, questions needing two or three chunks of a document; `hop_chunk_ids`
+  names them and `context` joins them): {multihop}
 - difficulty labels (the model's own): {_counts(difficulty)}
-- sampling parameters (max_tokens, temperature, seed) are part of each request's cache key but are not
-  stored with the pairs: see the `qa_pairs` run's configuration
+- max_tokens (pairs per value): {_setting_counts(sampling["max_tokens"])}
+- temperature (pairs per value): {_setting_counts(sampling["temperature"])}; an answer the parser rejected is
+  asked again once, sampling at temperature 0.7 when the configured one is 0 and with a larger max_tokens
+  when it was cut, and its pairs record that request's values
+- the seed of each request is part of its cache key (the journal), not stored with the pairs
 - filters applied at export: {json.dumps({k: v for k, v in filters.items() if v})}
 - pairs dropped by them: {json.dumps(summary.dropped)}
 
@@ -317,6 +372,14 @@ question was seen in training.
 def _mean(values: pl.Series) -> str:
     mean = values.mean()
     return "n/a" if mean is None else f"{mean:.3f}"
+
+
+def _setting_counts(values: pl.Series) -> str:
+    """"1024 (30), 2048 (2)": each value with its number of pairs; "not recorded" for older files."""
+    counts = values.drop_nulls().value_counts(sort=True)
+    recorded = ", ".join(f"{value:g} ({count})" for value, count in counts.iter_rows())
+    unknown = values.null_count()
+    return ", ".join(part for part in (recorded, f"not recorded ({unknown})" if unknown else "") if part) or "none"
 
 
 def _counts(counts: dict) -> str:

@@ -22,13 +22,17 @@ HF_SPLITS = {"train": "train", "validation": "validation", "evaluation": "test"}
 def evidence_chunks(records: pl.DataFrame, chunks: pl.DataFrame) -> dict[str, list[str]]:
     """query id → the chunks holding its evidence. A pair whose evidence is found in its chunk is also
     relevant to every other chunk of its document that holds all its quotes word for word (chunks
-    overlap); a pair whose evidence is not found keeps the chunk it was written from."""
+    overlap); a pair whose evidence is not found keeps the chunk it was written from. A multi-hop pair
+    is relevant to each of its hop chunks: a retriever must find all of them."""
     by_document: dict[str, list[tuple[str, ChunkText]]] = defaultdict(list)
     for document, chunk_id, content in chunks.select("document", "chunk_id", "content").iter_rows():
         by_document[document].append((chunk_id, ChunkText(content)))
     relevant: dict[str, list[str]] = {}
-    columns = ("id", "document", "chunk_id", "evidence", "evidence_score")
-    for query_id, document, chunk_id, quotes, score in records.select(columns).iter_rows():
+    columns = ("id", "document", "chunk_id", "evidence", "evidence_score", "hop_chunk_ids")
+    for query_id, document, chunk_id, quotes, score, hops in records.select(columns).iter_rows():
+        if hops is not None and len(hops) > 1:
+            relevant[query_id] = list(hops)
+            continue
         found = [chunk_id]
         if quotes and (score or 0.0) >= FUZZY_MIN_SCORE:
             found += [
@@ -60,6 +64,7 @@ def write_beir(out_dir: Path, records: pl.DataFrame, chunks: pl.DataFrame) -> li
             "type": row["type"],
             "difficulty": row["difficulty"],
             "evidence": row["evidence"],
+            "hop_chunk_ids": row["hop_chunk_ids"],
             **_user_ids(row, document=row["document"], chunk_id=row["chunk_id"]),
         }
         query_lines.append(json.dumps({"_id": row["id"], "text": row["question"], "metadata": metadata},

@@ -64,7 +64,7 @@ def run_offline(
         started = time.monotonic()
         _run_command([*shlex.split(command), "-i", str(batch_in), "-o", str(batch_out), "--model", model], log)
         report.duration_s += time.monotonic() - started
-        imported = import_batch_output(storage, batch_out)
+        imported = import_batch_output(storage, batch_out, settings)
         report.requests += imported.imported + imported.failed
         report.answered += imported.imported
         report.output_tokens += _output_tokens(batch_out)

@@ -238,6 +238,14 @@ def parse_pairs(
     try:
         if isinstance(data, dict) and "pairs" not in data and any(kind in data for kind in wanted):
             return _slot_pairs(data, wanted)
+        if isinstance(data, dict) and "pairs" not in data:
+            slots = [key for key, value in data.items() if isinstance(value, dict) and "question" in value]
+            if slots:
+                raise ParseError(
+                    FailureReason.MISSING_FIELD,
+                    f"the answer fills the question types {slots}, not the requested {wanted}: were its requests "
+                    "made with other --question-types? Ask (or import-batch) with the same ones",
+                )
         pairs = QAPairSet.model_validate(data).pairs
     except ValidationError as error:
         raise _validation_failure(error) from None
