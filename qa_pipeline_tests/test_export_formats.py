@@ -74,7 +74,7 @@ def load_hf_folder(folder: Path) -> dict[str, pl.DataFrame]:
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     """Three PEPs and a pre-chunked JSONL export of a help centre (five services, the user's own ids),
-    run through `qa-pipeline run` against the simulator."""
+    run through `qa-pipeline run --multihop` against the simulator."""
     from qa_pipeline.simulator.process import start_simulator_process
 
     root = tmp_path_factory.mktemp("formats")
@@ -94,7 +94,7 @@ def generated(tmp_path_factory):
     (data_dir / "sources" / "helpcentre.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with start_simulator_process(zero_latency=True) as sim:
         env = cli_env(data_dir, sim.base_url)
-        run_cli("run", "--levels", "2", "--sample-size", "4", env=env)
+        run_cli("run", "--levels", "2", "--sample-size", "4", "--multihop", env=env)
     return env, root
 
 
@@ -116,6 +116,17 @@ def test_beir_folder_reads_back_with_every_qrel_naming_an_existing_query_and_chu
             assert {chunk_document.get(c, "?") for c in relevant if c in chunk_document} <= documents[split]
     assert all(rows.values()) and sum(map(len, rows.values())) == len(queries)
 
+    # A multi-hop question is relevant to each of its hop chunks, every one of them in the corpus.
+    multihop = [row for split_rows in rows.values() for row in split_rows if row["type"] == "multi_hop"]
+    assert multihop, "the export includes the multi-hop pairs"
+    for row in multihop:
+        split = next(name for name, split_rows in rows.items() if row in split_rows)
+        corpus, _, qrels = load_beir(out / "beir", {"train": "train", "validation": "dev", "evaluation": "test"}[split])
+        assert len(row["hop_chunk_ids"]) >= 2 and set(qrels[row["id"]]) == set(row["hop_chunk_ids"])
+        for quote, start, end in zip(row["evidence"], row["evidence_starts"], row["evidence_ends"], strict=True):
+            # The quote as the passage has it (quotation marks the model put around it are not the passage's).
+            assert row["context"][start:end] == quote.strip().strip('"'), "offsets point into the joined hop passages"
+
 
 def test_hf_folder_loads_by_the_datasets_conventions_with_a_card_naming_model_prompt_and_quality(generated):
     env, root = generated
@@ -124,9 +135,22 @@ def test_hf_folder_loads_by_the_datasets_conventions_with_a_card_naming_model_pr
 
     splits = load_hf_folder(out / "hf")
     assert set(splits) == {"train", "validation", "test"}
-    assert sum(frame.height for frame in splits.values()) == sql("SELECT count(*) AS n FROM qa_pairs", env)[0]["n"]
+    pairs = sql("SELECT (SELECT count(*) FROM qa_pairs) + (SELECT count(*) FROM multihop_pairs) AS n", env)[0]["n"]
+    assert sum(frame.height for frame in splits.values()) == pairs
     card = (out / "hf" / "README.md").read_text(encoding="utf-8")
-    assert "- model: sim-model" in card and "- prompt version: qa-v2" in card
+    assert "- model: sim-model" in card and "- prompt version: multihop-v1, qa-v2" in card
+    # The generation settings: each max_tokens and temperature with its pairs (a re-ask of an answer cut by
+    # max_tokens samples at 0.7 with twice the budget), and the question types, the multi-hop one included.
+    everything = "(SELECT type, max_tokens, temperature FROM qa_pairs UNION ALL " \
+                 "SELECT type, max_tokens, temperature FROM multihop_pairs)"
+    for setting, shown in (("max_tokens", "{:g}"), ("temperature", "{:g}")):
+        counts = sql(f"SELECT {setting} AS v, count(*) AS n FROM {everything} GROUP BY v ORDER BY n DESC, v", env)
+        listed = ", ".join(f"{shown.format(row['v'])} ({row['n']})" for row in counts)
+        assert f"- {setting} (pairs per value): {listed}" in card
+    types = sql(f"SELECT type, count(*) AS n FROM {everything} GROUP BY type ORDER BY type", env)
+    assert "multi_hop" in {row["type"] for row in types}
+    listed = ", ".join(f"{row['type']} {row['n']}" for row in types)
+    assert f"- question types (pairs per type): {listed}" in card
     assert "evidence score" in card and "how it was measured" in card.lower()
     train = splits["train"]
     row = train.row(0, named=True)

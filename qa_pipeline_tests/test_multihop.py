@@ -81,7 +81,8 @@ def test_a_run_with_multihop_writes_pairs_whose_evidence_offsets_point_into_each
         for quote, chunk_id, start, end in zip(
             pair["evidence"], pair["evidence_chunk_ids"], pair["evidence_starts"], pair["evidence_ends"], strict=True
         ):
-            assert chunks[chunk_id][start:end] == quote.strip()
+            # The quote as the chunk has it (quotation marks the model put around it are not the chunk's).
+            assert chunks[chunk_id][start:end] == quote.strip().strip('"')
         assert pair["evidence_score"] == 1.0 and pair["evidence_not_found"] == 0
         assert pair["type"] == "multi_hop" and pair["prompt_version"] == "multihop-v1"
 

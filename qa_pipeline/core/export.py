@@ -376,7 +376,7 @@ def _mean(values: pl.Series) -> str:
 
 def _setting_counts(values: pl.Series) -> str:
     """"1024 (30), 2048 (2)": each value with its number of pairs; "not recorded" for older files."""
-    counts = values.drop_nulls().value_counts(sort=True)
+    counts = values.drop_nulls().value_counts().sort(["count", values.name], descending=[True, False])
     recorded = ", ".join(f"{value:g} ({count})" for value, count in counts.iter_rows())
     unknown = values.null_count()
     return ", ".join(part for part in (recorded, f"not recorded ({unknown})" if unknown else "") if part) or "none"
