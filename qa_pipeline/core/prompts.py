@@ -215,6 +215,18 @@ def _json_candidate(content: str) -> str:
     return content.strip()
 
 
+def _answer_json(content: str | None, finish_reason: str | None) -> Any:
+    """The JSON value of a complete answer, or a ParseError: cut by max_tokens, empty, or not JSON."""
+    if finish_reason == "length":
+        raise ParseError(FailureReason.TRUNCATED, "output was cut by max_tokens (finish_reason=length)")
+    if content is None or not content.strip():
+        raise ParseError(FailureReason.EMPTY_RESPONSE, "the server returned no content")
+    try:
+        return json.loads(_json_candidate(content))
+    except json.JSONDecodeError as error:
+        raise ParseError(FailureReason.INVALID_JSON, f"{error.msg} at position {error.pos}") from None
+
+
 def parse_pairs(
     content: str | None, finish_reason: str | None = "stop", question_types: Sequence[str] = DEFAULT_QUESTION_TYPES
 ) -> list[QAPair]:
@@ -224,14 +236,7 @@ def parse_pairs(
     ignores the schema may answer with a list of typed pairs instead (`{"pairs": [...]}` or a bare
     list): each must have one of the requested types.
     """
-    if finish_reason == "length":
-        raise ParseError(FailureReason.TRUNCATED, "output was cut by max_tokens (finish_reason=length)")
-    if content is None or not content.strip():
-        raise ParseError(FailureReason.EMPTY_RESPONSE, "the server returned no content")
-    try:
-        data = json.loads(_json_candidate(content))
-    except json.JSONDecodeError as error:
-        raise ParseError(FailureReason.INVALID_JSON, f"{error.msg} at position {error.pos}") from None
+    data = _answer_json(content, finish_reason)
     if isinstance(data, list):
         data = {"pairs": data}
     wanted = list(question_types)
@@ -357,14 +362,7 @@ def extract_passages(text: str) -> list[str]:
 def parse_multihop_pair(content: str | None, finish_reason: str | None, hops: int) -> MultiHopPair:
     """The multi-hop pair of a chat completion's content, or a ParseError saying why not. Every passage
     must have at least one quote: a question that quotes one passage only is not multi-hop."""
-    if finish_reason == "length":
-        raise ParseError(FailureReason.TRUNCATED, "output was cut by max_tokens (finish_reason=length)")
-    if content is None or not content.strip():
-        raise ParseError(FailureReason.EMPTY_RESPONSE, "the server returned no content")
-    try:
-        data = json.loads(_json_candidate(content))
-    except json.JSONDecodeError as error:
-        raise ParseError(FailureReason.INVALID_JSON, f"{error.msg} at position {error.pos}") from None
+    data = _answer_json(content, finish_reason)
     if not isinstance(data, dict):
         raise ParseError(FailureReason.INVALID_VALUE, "expected an object with question, evidence and answer")
     hop_evidence = []

@@ -182,6 +182,7 @@ COMPARISON_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+_PAIR_COLUMNS = ("pair_index", "question", "answer", "type", "difficulty", "evidence")
 # Questions that need two or three chunks of one document (core/multihop.py), their evidence located in
 # each hop's chunk: one row per pair, `group_id` the hop chunk ids joined by "+".
 MULTIHOP_PAIRS_SCHEMA: dict[str, pl.DataType] = {
@@ -190,31 +191,13 @@ MULTIHOP_PAIRS_SCHEMA: dict[str, pl.DataType] = {
     "hop_chunk_ids": pl.List(pl.String()),
     "linked_by": pl.String(),  # "heading", "terms" or "heading+terms": why the chunks were grouped
     "shared_terms": pl.List(pl.String()),
-    "pair_index": pl.Int32(),
-    "question": pl.String(),
-    "answer": pl.String(),
-    "type": pl.String(),
-    "difficulty": pl.String(),
+    **{name: QA_PAIRS_SCHEMA[name] for name in _PAIR_COLUMNS},
     # Every quote in hop order, the chunk it was quoted from, and where it is in that chunk's content
     # (null where not found); a pair scores as its weakest quote, 0 when a hop has none.
-    "evidence": pl.List(pl.String()),
     "evidence_chunk_ids": pl.List(pl.String()),
-    "evidence_starts": pl.List(pl.Int32()),
-    "evidence_ends": pl.List(pl.Int32()),
-    "evidence_methods": pl.List(pl.String()),
-    "evidence_not_found": pl.Int32(),
-    "evidence_score": pl.Float64(),
-    "model": pl.String(),
-    "latency_s": pl.Float64(),
-    "prompt_tokens": pl.Int64(),
-    "completion_tokens": pl.Int64(),
-    "attempts": pl.Int32(),
-    "endpoint": pl.String(),
-    "request_hash": pl.String(),
-    "prompt_version": pl.String(),
-    "max_tokens": pl.Int32(),
-    "temperature": pl.Float64(),
-    "generated_at": pl.Datetime("us", "UTC"),
+    **{name: dtype for name, dtype in PAIR_SCORES_SCHEMA.items() if name.startswith("evidence_")},
+    # The request's figures, as in qa_pairs.
+    **{name: dtype for name, dtype in QA_PAIRS_SCHEMA.items() if name not in ("document", "chunk_id", *_PAIR_COLUMNS)},
 }
 
 
