@@ -202,11 +202,11 @@ class Duplicate:
 
 
 def find_duplicates(questions: Sequence[str], threshold: float = NEAR_DUPLICATE_JACCARD) -> list[Duplicate]:
-    """Every question that repeats an earlier one: the same normalised text, or a word-set Jaccard
-    similarity >= threshold (the most similar earlier question is named).
+    """Every question that repeats an earlier one: the same normalised text or the same words (the first
+    such question is named), or a word-set Jaccard similarity >= threshold (the most similar earlier
+    question is named, the earliest of equally similar ones).
 
-    Exact and fast for large datasets: a similarity join with prefix filtering, in which each
-    question is compared only with earlier ones sharing one of its rarest words.
+    Exact and fast for large datasets: see `_near_duplicates`.
     """
     normalized = normalized_questions(pl.Series(questions, dtype=pl.String()))
     texts = normalized["normalized"].to_list()
@@ -224,33 +224,67 @@ def find_duplicates(questions: Sequence[str], threshold: float = NEAR_DUPLICATE_
             found.append(Duplicate(i, first, 1.0))
         elif words:
             distinct.append(i)
-    frequency = Counter(term for i in distinct for term in terms[i])
-    # Postings by (word, set size): a question is only compared with sizes that could reach the threshold.
-    index: dict[tuple[str, int], list[int]] = defaultdict(list)
-    for i in distinct:
-        words = terms[i]
-        size = len(words)
-        ordered = sorted(words, key=lambda term: (frequency[term], term))
-        # Two sets with Jaccard >= t share a word among the first |s| - ceil(t|s|) + 1 of a common order.
-        prefix = ordered[: size - math.ceil(threshold * size - 1e-9) + 1]
-        sizes = range(math.ceil(threshold * size - 1e-9), math.floor(size / threshold + 1e-9) + 1)
-        best: Duplicate | None = None
-        seen: set[int] = set()
-        for term in prefix:
-            for other_size in sizes:
-                for j in index.get((term, other_size), ()):
-                    if j in seen:
-                        continue
-                    seen.add(j)
-                    shared = len(words & terms[j])
-                    similarity = shared / (size + other_size - shared)
-                    if similarity >= threshold and (best is None or similarity > best.similarity):
-                        best = Duplicate(i, j, similarity)
-        if best is not None:
-            found.append(best)
-        for term in prefix:
-            index[(term, size)].append(i)
+    found += _near_duplicates(distinct, terms, threshold)
     return sorted(found, key=lambda duplicate: duplicate.index)
+
+
+def _at_least(value: float) -> int:
+    """The smallest whole number >= value, forgiving the rounding error of a float product."""
+    return math.ceil(value - 1e-9)
+
+
+def _near_duplicates(rows: list[int], terms: list[frozenset[str]], threshold: float) -> list[Duplicate]:
+    """For each of `rows` (distinct word sets) that has one, the most similar earlier row at Jaccard >=
+    threshold, the earliest of equally similar ones.
+
+    An exact similarity join (All-Pairs with PPJoin's positional filter, Xiao et al. 2008): every
+    word set is sorted rarest word first; the sets are visited from the smallest up, and each is
+    compared only with the visited sets that share a word between its first |s| - ceil(t|s|) + 1
+    words and their first |r| - ceil(2t/(1+t)|r|) + 1, whose size is at least t|s|, and whose shared
+    words so far leave enough room. Two sets with Jaccard >= t always pass these filters, so every
+    similar pair is found once, whatever the input order; and a word common to many questions (a
+    section name, "configure") is in few sets' first words, so it does not make the search quadratic.
+    """
+    frequency = Counter(term for i in rows for term in terms[i])
+    ordered = {i: sorted(terms[i], key=lambda term: (frequency[term], term)) for i in rows}
+    # word -> (row, position of the word in that row's order), in the order the rows were visited.
+    postings: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    first_large_enough: dict[str, int] = defaultdict(int)  # postings before it are too small for every later set
+    best: dict[int, tuple[float, int]] = {}  # later row -> (similarity, earlier row)
+    for i in sorted(rows, key=lambda row: (len(terms[row]), row)):
+        words, size = ordered[i], len(terms[i])
+        smallest = _at_least(threshold * size)
+        shared_so_far: dict[int, int] = {}  # row -> words shared among the prefixes, or -1 once ruled out
+        for position, term in enumerate(words[: size - smallest + 1]):
+            entries = postings.get(term)
+            if not entries:
+                continue
+            start = first_large_enough[term]
+            while start < len(entries) and len(terms[entries[start][0]]) < smallest:
+                start += 1
+            first_large_enough[term] = start
+            for k in range(start, len(entries)):
+                j, other_position = entries[k]
+                shared = shared_so_far.get(j, 0)
+                if shared < 0:
+                    continue
+                other_size = len(terms[j])
+                needed = _at_least(threshold / (1 + threshold) * (size + other_size))
+                room = min(size - position, other_size - other_position)
+                shared_so_far[j] = shared + 1 if shared + room >= needed else -1
+        for j, shared in shared_so_far.items():
+            if shared < 0:
+                continue
+            common = len(terms[i] & terms[j])
+            similarity = common / (size + len(terms[j]) - common)
+            if similarity >= threshold:
+                later, earlier = max(i, j), min(i, j)
+                current = best.get(later)
+                if current is None or (similarity, -earlier) > (current[0], -current[1]):
+                    best[later] = (similarity, earlier)
+        for position, term in enumerate(words[: size - _at_least(2 * threshold / (1 + threshold) * size) + 1]):
+            postings[term].append((i, position))
+    return [Duplicate(later, earlier, similarity) for later, (similarity, earlier) in best.items()]
 
 
 def find_duplicate_questions(pairs: pl.DataFrame, threshold: float = NEAR_DUPLICATE_JACCARD) -> pl.DataFrame:
