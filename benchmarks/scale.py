@@ -3,6 +3,7 @@
     python benchmarks/scale.py                     # S1, S2, S3 at 1,000 and 10,000 documents
     python benchmarks/scale.py --only S2,S3 --large 100000
     python benchmarks/scale.py --quick             # 200 and 2,000: a smoke test, not the targets
+    python benchmarks/scale.py --only DUP --before 761b696   # the report's duplicate search, and its speed-up
 
 Each line reads `NAME measure=value target<=goal PASS|FAIL (details)`, as benchmarks/run.py prints;
 the figures go to --out (default benchmarks/results/scale/latest.json).
@@ -11,6 +12,7 @@ the figures go to --out (default benchmarks/results/scale/latest.json).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -31,12 +33,18 @@ import polars as pl  # noqa: E402
 
 from qa_pipeline.core.chunking import CHUNK_SCHEMA  # noqa: E402
 from qa_pipeline.core.layout import PARTITIONED_TABLES, DataLayout, Table  # noqa: E402
-from qa_pipeline.core.quality import QualityThresholds, partition_verdicts, summarize_documents  # noqa: E402
+from qa_pipeline.core.quality import (  # noqa: E402
+    SCORER_VERSION,
+    QualityThresholds,
+    find_duplicates,
+    partition_verdicts,
+    summarize_documents,
+)
 from qa_pipeline.core.report import build_report  # noqa: E402
 from qa_pipeline.core.storage import TABLE_SCHEMAS, Storage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ALL = ("S1", "S2", "S3")
+ALL = ("S1", "S2", "S3")  # and DUP, on request
 
 # What `qa-pipeline sql` is typically asked over a dataset: counts, shares and the worst documents.
 AGGREGATE_QUERIES = (
@@ -71,6 +79,23 @@ def line(name: str, measure: str, value: float, goal: float | None, details: str
     return {"name": name, "measure": measure, "value": value, "goal": goal, "details": details}
 
 
+def per_item_ratio(name: str, unit: str, sizes: tuple[int, int], seconds: tuple[float, float], what: str) -> dict:
+    """The cost of one item at the larger size ÷ at the smaller: at most 1.2 (targets S1, S3)."""
+    (small, large), (few, many) = sizes, seconds
+    return line(name, f"per_{unit}_ratio", (many / large) / (few / small), 1.2, f"{what} per {unit} at {large} ÷ at {small}")
+
+
+def per_item_lines(
+    name: str, unit: str, sizes: tuple[int, int], seconds: tuple[float, float], details: tuple[str, str], what: str
+) -> list[dict]:
+    """The milliseconds per item at each size, then their ratio."""
+    return [
+        *(line(f"{name}@{size}", f"ms_per_{unit}", spent / size * 1000, None, detail)
+          for size, spent, detail in zip(sizes, seconds, details, strict=True)),
+        per_item_ratio(name, unit, sizes, seconds, what),
+    ]
+
+
 # --- S1: chunking through `qa-pipeline run --chunks-only` ------------------------------------------
 
 
@@ -101,11 +126,10 @@ def _children_cpu_s() -> float:
 
 def s1(work: Path, small: int, large: int) -> list[dict]:
     (few, few_cpu), (many, many_cpu) = chunk_run(work, small), chunk_run(work, large)
+    details = (f"{few:.1f} s wall, {few_cpu:.1f} s CPU for {small} pages", f"{many:.1f} s wall, {many_cpu:.1f} s CPU for {large} pages")
     return [
-        line(f"S1@{small}", "ms_per_page", few / small * 1000, None, f"{few:.1f} s wall, {few_cpu:.1f} s CPU for {small} pages"),
-        line(f"S1@{large}", "ms_per_page", many / large * 1000, None, f"{many:.1f} s wall, {many_cpu:.1f} s CPU for {large} pages"),
-        line("S1", "per_page_ratio", (many / large) / (few / small), 1.2, f"wall time per page at {large} ÷ at {small}"),
-        line("S1/cpu", "per_page_ratio", (many_cpu / large) / (few_cpu / small), 1.2, f"CPU time per page at {large} ÷ at {small}"),
+        *per_item_lines("S1", "page", (small, large), (few, many), details, "wall time"),
+        per_item_ratio("S1/cpu", "page", (small, large), (few_cpu, many_cpu), "CPU time"),
     ]
 
 
@@ -133,10 +157,11 @@ def synthetic_tables(documents: int) -> dict[str, pl.DataFrame]:
         question=pl.format("How do I configure {} ({})?", "chunk_id", "pair_index"),
         answer=pl.lit("With the option described on the page."),
         type=pl.col("pair_index").replace_strict({0: "factual", 1: "procedural", 2: "conceptual"}),
+        difficulty=pl.lit("easy"), evidence=pl.lit(["configure the service with an option"]),
         model=pl.lit("bench"), latency_s=pl.lit(1.5), prompt_tokens=pl.lit(300), completion_tokens=pl.lit(120),
         attempts=pl.lit(1), endpoint=pl.lit("http://127.0.0.1:8000/v1"), request_hash=pl.col("chunk_id"),
         prompt_version=pl.lit("v1"), generated_at=pl.lit(now),
-    ).cast(TABLE_SCHEMAS[Table.QA_PAIRS])
+    ).select(list(TABLE_SCHEMAS[Table.QA_PAIRS])).cast(TABLE_SCHEMAS[Table.QA_PAIRS])
     failed = chunks.filter((pl.col("position") == 4) & (pl.col("document").str.slice(-5, 1) == "0"))
     failures = failed.select("document", "chunk_id").with_columns(
         reason=pl.lit("truncated"), detail=pl.lit("max_tokens"), http_status=pl.lit(200), attempts=pl.lit(1),
@@ -150,8 +175,10 @@ def synthetic_tables(documents: int) -> dict[str, pl.DataFrame]:
         refusal=pl.lit(False), question_normalized=pl.lit("how configure"), duplicate_scope=pl.lit(None, pl.String),
         duplicate_of_chunk_id=pl.lit(None, pl.String), duplicate_of_pair_index=pl.lit(None, pl.Int32),
         duplicate_similarity=pl.lit(None, pl.Float64), question_words=pl.lit(6), answer_words=pl.lit(7),
-        language=pl.lit("en"), chunk_language=pl.lit("en"), scorer_version=pl.lit("scores-v1"),
-    ).cast(TABLE_SCHEMAS[Table.PAIR_SCORES])
+        language=pl.lit("en"), chunk_language=pl.lit("en"), evidence_starts=pl.lit([25], pl.List(pl.Int32)),
+        evidence_ends=pl.lit([61], pl.List(pl.Int32)), evidence_methods=pl.lit(["exact"]), evidence_not_found=pl.lit(0),
+        evidence_score=pl.lit(1.0), scorer_version=pl.lit(SCORER_VERSION),
+    ).select(list(TABLE_SCHEMAS[Table.PAIR_SCORES])).cast(TABLE_SCHEMAS[Table.PAIR_SCORES])
     return {Table.CHUNKS: chunks, Table.QA_PAIRS: pairs, Table.FAILURES: failures, Table.PAIR_SCORES: scores}
 
 
@@ -236,6 +263,46 @@ def s2_queries(layouts: dict[str, DataLayout], keys: list[str], runs: int, lines
     return lines
 
 
+# --- DUP: the report's duplicate-question search over S2's questions ------------------------------
+
+
+def timed_duplicates(find: Callable[[list[str]], list], questions: list[str]) -> tuple[float, set[tuple]]:
+    started = time.perf_counter()
+    found = find(questions)
+    return time.perf_counter() - started, {(d.index, d.of, d.similarity) for d in found}
+
+
+def quality_module_at(revision: str, folder: Path):  # noqa: ANN201 (a module)
+    """`core/quality.py` as it was at a git revision, its imports resolved in this tree: the "before"."""
+    source = subprocess.run(["git", "show", f"{revision}:qa_pipeline/core/quality.py"],
+                            cwd=REPO, check=True, capture_output=True, text=True).stdout
+    path = folder / f"quality_{revision}.py"
+    path.write_text(source, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def duplicates(work: Path, small: int, large: int, before: str | None) -> list[dict]:
+    """`find_duplicates` over S2's templated questions (15 per document, in the report's order; most
+    words shared by all, which made the earlier search quadratic); with `before`, that revision's
+    search over the smaller set, side by side."""
+    questions = {size: synthetic_tables(size)[Table.QA_PAIRS]["question"].to_list() for size in (small, large)}
+    timed = {size: timed_duplicates(find_duplicates, questions[size]) for size in (small, large)}
+    details = tuple(f"{timed[size][0]:.2f} s for {len(questions[size])} questions, {len(timed[size][1])} duplicates"
+                    for size in (small, large))
+    lines = per_item_lines("DUP", "document", (small, large), (timed[small][0], timed[large][0]), details, "search")
+    if before:
+        then, found_then = timed_duplicates(quality_module_at(before, work).find_duplicates, questions[small])
+        differ = len(found_then ^ timed[small][1])
+        lines.append(line(f"DUP@{small}/before", "speedup", then / timed[small][0], None,
+                          f"{before}: {then:.2f} s vs {timed[small][0]:.2f} s now; "
+                          f"{'the same duplicates' if not differ else f'{differ} rows differ'}"))
+    return lines
+
+
 # --- S3: the sources sensor's tick over unchanged documents ----------------------------------------
 
 
@@ -277,22 +344,20 @@ def sensor_ticks(work: Path, documents: int, ticks: int = 3) -> tuple[float, flo
 
 def s3(work: Path, small: int, large: int) -> list[dict]:
     (first_few, few), (first_many, many) = sensor_ticks(work, small), sensor_ticks(work, large)
-    return [
-        line(f"S3@{small}", "ms_per_document", few / small * 1000, None, f"tick {few:.3f} s; first tick (hashing) {first_few:.2f} s"),
-        line(f"S3@{large}", "ms_per_document", many / large * 1000, None, f"tick {many:.3f} s; first tick (hashing) {first_many:.2f} s"),
-        line("S3", "per_document_ratio", (many / large) / (few / small), 1.2, f"tick per document at {large} ÷ at {small}"),
-    ]
+    details = (f"tick {few:.3f} s; first tick (hashing) {first_few:.2f} s", f"tick {many:.3f} s; first tick (hashing) {first_many:.2f} s")
+    return per_item_lines("S3", "document", (small, large), (few, many), details, "tick")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(ALL), help="comma-separated: S1,S2,S3")
+    parser.add_argument("--only", default=",".join(ALL), help="comma-separated: S1,S2,S3,DUP")
     parser.add_argument("--small", type=int, default=1000)
     parser.add_argument("--large", type=int, default=10000)
     parser.add_argument("--s1-large", type=int, default=None, help="S1's larger size (default: --large)")
     parser.add_argument("--quick", action="store_true", help="200 and 2,000 documents")
     parser.add_argument("--runs", type=int, default=3, help="S2: best of this many runs")
     parser.add_argument("--work", type=Path, default=None, help="S2: keep the data folders here (reused when present)")
+    parser.add_argument("--before", default=None, help="DUP: also time this git revision's duplicate search")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale")
     args = parser.parse_args()
     small, large = (200, 2000) if args.quick else (args.small, args.large)
@@ -307,6 +372,8 @@ def main() -> None:
             lines += s2(args.work or work, large, args.runs, keep=args.work is not None)
         if "S1" in only:
             lines += s1(work, small, args.s1_large or large)
+        if "DUP" in only:
+            lines += duplicates(work, small, large, args.before)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
