@@ -496,17 +496,20 @@ def _made_by_this_scorer(scores: pl.DataFrame) -> bool:
 
 def refresh_pair_scores(storage: Storage) -> list[str]:
     """Scores every document whose `pair_scores` are missing, older than its `qa_pairs` (outputs
-    written before scoring existed, or by hand) or made by an earlier scorer (without evidence, say);
-    returns the documents scored."""
-    layout = storage.layout
+    written before scoring existed, or by hand) or made by an earlier scorer (without evidence, say),
+    whether its files are its own or compacted into segments; returns the documents scored."""
+    documents = storage.query("SELECT DISTINCT document FROM chunks ORDER BY 1")["document"].to_list()
+    pairs_written = storage.written_times(Table.QA_PAIRS, documents)
+    scores_written = storage.written_times(Table.PAIR_SCORES, documents)
+    by_earlier_scorer = set(
+        storage.query(
+            f"SELECT DISTINCT document FROM pair_scores WHERE scorer_version IS DISTINCT FROM '{SCORER_VERSION}'"
+        )["document"].to_list()
+    )
     scored = []
-    for document in storage.query("SELECT DISTINCT document FROM chunks ORDER BY 1")["document"].to_list():
-        pairs_file = layout.partition_file(Table.QA_PAIRS, document)
-        scores_file = layout.partition_file(Table.PAIR_SCORES, document)
-        if pairs_file.exists() and (
-            not scores_file.exists()
-            or scores_file.stat().st_mtime_ns < pairs_file.stat().st_mtime_ns
-            or not _made_by_this_scorer(pl.read_parquet(scores_file, columns=["scorer_version"]))
+    for document in documents:
+        if document in pairs_written and (
+            scores_written.get(document, -1) < pairs_written[document] or document in by_earlier_scorer
         ):
             score_partition(storage, document)
             scored.append(document)

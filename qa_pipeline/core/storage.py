@@ -694,6 +694,12 @@ class Storage:
             return None
         return files.compacted_rows(stem)
 
+    def written_times(self, table: str, documents: Iterable[str]) -> dict[str, int]:
+        """document → when its rows in a document table were written (ns since the epoch), whether they are
+        its own file or compacted; documents with neither are left out."""
+        stems = {safe_file_stem(document): document for document in documents}
+        return {stems[stem]: ns for stem, ns in self._files(table).written_times(stems).items()}
+
     def delete_partition(self, document: str, trash: Path | None = None) -> Path | None:
         """Moves every output and the journal of a document into a trash folder (`trash`, else a new one).
 

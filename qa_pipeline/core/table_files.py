@@ -18,7 +18,7 @@ import fcntl
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,9 @@ import polars as pl
 _PART_SUFFIX = ".parquet"
 _DELETED_SUFFIX = ".deleted"
 _MANIFEST = "manifest.parquet"
-_MANIFEST_SCHEMA = {"stem": pl.String(), "document": pl.String(), "segment": pl.String()}
+# written_ns: the modification time of the document's file when it was folded in, so that "written
+# before" (pair_scores older than their qa_pairs) still has an answer for compacted documents.
+_MANIFEST_SCHEMA = {"stem": pl.String(), "document": pl.String(), "segment": pl.String(), "written_ns": pl.Int64()}
 # A segment replaced by a compaction stays on disk this long, for queries that listed it just before.
 RETIRED_SEGMENT_GRACE_S = 3600.0
 # Sorted by document in row groups this small, a segment serves one document's rows without reading the rest.
@@ -99,7 +101,7 @@ class TableFiles:
     # --- the compacted segments -------------------------------------------------------------------
 
     def manifest(self) -> pl.DataFrame:
-        """stem, document, segment of every compacted document that has rows."""
+        """stem, document, segment and written_ns of every compacted document that has rows."""
         path = self.compacted_dir / _MANIFEST
         try:
             info = path.stat()
@@ -107,7 +109,11 @@ class TableFiles:
             return pl.DataFrame(schema=_MANIFEST_SCHEMA)
         stamp = (info.st_ino, info.st_mtime_ns)
         if self._manifest_cache is None or self._manifest_cache[0] != stamp:
-            self._manifest_cache = (stamp, pl.read_parquet(path))
+            manifest = pl.read_parquet(path)
+            # A manifest from before written_ns: the times are unknown (null).
+            manifest = manifest.with_columns(pl.lit(None, pl.Int64()).alias(name) for name in
+                                             _MANIFEST_SCHEMA.keys() - set(manifest.columns))
+            self._manifest_cache = (stamp, manifest.select(list(_MANIFEST_SCHEMA)))
         return self._manifest_cache[1]
 
     def compacted_rows(self, stem: str) -> pl.DataFrame | None:
@@ -120,6 +126,21 @@ class TableFiles:
 
     def is_deleted(self, stem: str) -> bool:
         return self.deleted_marker(stem).exists()
+
+    def written_times(self, stems: Iterable[str]) -> dict[str, int]:
+        """stem → when the document's current rows were written (ns): its own file's modification time,
+        else the time that file had when it was compacted (0 if compacted before that was recorded).
+        Stems with neither, or deleted, are left out."""
+        parts, deleted = self._stems()
+        compacted = dict(self.manifest().select("stem", pl.col("written_ns").fill_null(0)).iter_rows())
+        times = {}
+        for stem in stems:
+            stamp = _stamp(self.part_file(stem)) if stem in parts else None
+            if stamp is not None:
+                times[stem] = stamp[1]
+            elif stem in compacted and stem not in deleted:
+                times[stem] = compacted[stem]
+        return times
 
     def view_sql(self) -> str | None:
         """The body of the table's view, or None when it has no file yet."""
@@ -173,6 +194,7 @@ class TableFiles:
                     "stem": [*carried["stem"].to_list(), *part_documents],
                     "document": [*carried["document"].to_list(), *part_documents.values()],
                     "segment": name,
+                    "written_ns": [*carried["written_ns"].to_list(), *(taken[stem][1] for stem in part_documents)],
                 },
                 schema=_MANIFEST_SCHEMA,
             )
