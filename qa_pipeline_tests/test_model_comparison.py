@@ -262,3 +262,46 @@ def test_deleting_a_document_moves_every_models_outputs_compacted_or_not_and_mov
         assert Storage(layout.for_model(model)).read_partition(Table.QA_PAIRS, "guide/page-1.md") is None
     shutil.copytree(trash, layout.root, dirs_exist_ok=True)
     assert {model: pairs(model).to_list() for model in (None, "fast")} == before
+
+
+def test_a_models_prompt_version_words_its_requests_keys_its_cache_and_shows_in_the_comparison(simulator, data_dir):
+    sim = start_two_models(simulator)
+    write_documents(data_dir, 2)
+    # The same served model twice: only the prompt version differs.
+    (data_dir / "models.toml").write_text(
+        f'[models.current]\nbase_url = "{sim.openai_base_url}"\nserved_name = "fast"\n\n'
+        f'[models.brief]\nbase_url = "{sim.openai_base_url}"\nserved_name = "fast"\nprompt_version = "qa-v2-brief"\n'
+    )
+    env = cli_env(data_dir)
+    layout = DataLayout(root=data_dir)
+    run_cli("run", "--model", "current", "--skip-benchmark", env=env)
+    sent = sim.stats()["requests_total"]
+    brief = run_cli("run", "--model", "brief", "--skip-benchmark", env=env)
+    assert "2 documents done, 0 failed" in brief.stdout, brief.stdout
+    chunks = sql("SELECT count(*) AS n FROM chunks", env)[0]["n"]
+    assert sim.stats()["requests_total"] - sent >= chunks, "the other prompt version found nothing in a cache"
+
+    def pairs(model: str) -> list[dict]:
+        files = f"{layout.outputs_dir}/models/{model}/qa_pairs/*.parquet"
+        return sql(
+            f"SELECT list(DISTINCT prompt_version) AS versions, list(DISTINCT request_hash) AS keys, "
+            f"avg(prompt_tokens) AS prompt_tokens FROM read_parquet('{files}')",
+            env,
+        )[0]
+
+    current, terse = pairs("current"), pairs("brief")
+    assert current["versions"] == ["qa-v2"] and terse["versions"] == ["qa-v2-brief"]
+    assert not set(current["keys"]) & set(terse["keys"]), "the prompt version is part of the cache key"
+    assert terse["prompt_tokens"] < current["prompt_tokens"], "the brief prompt is the shorter request"
+
+    run_cli("compare", env=env)
+    rows = {row["model"]: row["prompt_version"] for row in sql("SELECT model, prompt_version FROM model_comparison", env)}
+    assert rows == {"current": "qa-v2", "brief": "qa-v2-brief"}
+
+
+def test_an_unknown_prompt_version_is_refused_naming_the_models_file_the_model_and_the_known_versions(data_dir):
+    (data_dir / "models.toml").write_text('[models.qwen]\nbase_url = "http://gpu:8000/v1"\nprompt_version = "qa-v9"\n')
+    run = run_cli("run", "--model", "qwen", env=cli_env(data_dir), check=False)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"model 'qwen' in {data_dir / 'models.toml'}: prompt_version: unknown prompt version 'qa-v9'" in run.stderr
+    assert "the known versions are: qa-v2, qa-v2-brief" in run.stderr

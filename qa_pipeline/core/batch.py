@@ -129,7 +129,8 @@ def import_batch_output(storage: Storage, path: Path, settings: GenerationSettin
     Lines are joined to chunks on `custom_id`; the journal keys them by the request hash inside it,
     so a later `qa_pairs` run with the same model and settings reuses them instead of asking again.
     `settings` are those the requests were exported with: their question types are the slots each
-    answer must fill (an output file does not hold its requests, so they cannot be read from it).
+    answer must fill, their prompt version is recorded (an output file does not hold its requests, so
+    they cannot be read from it).
     """
     settings = settings or GenerationSettings()
     chunks = {row["chunk_id"]: row for row in storage.query(CHUNKS_SQL).iter_rows(named=True)}

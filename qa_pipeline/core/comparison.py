@@ -113,6 +113,7 @@ def _figures(name: str, model: ModelTables, common: pl.DataFrame, thresholds: Qu
     return {
         "model": name,
         "served_model": ", ".join(sorted(set(answered["model"].to_list()) | set(failures["model"].to_list()))),
+        "prompt_version": ", ".join(sorted(set(pairs["prompt_version"].drop_nulls().to_list()))),
         "chunks": attempted,
         "success_rate": answered.height / attempted if attempted else None,
         "failures_by_reason": ", ".join(f"{r}: {n}" for r, n in reasons.iter_rows()),

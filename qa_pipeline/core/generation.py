@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import ClassVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from qa_pipeline.core.client import ChatOutcome, LLMClient, ServerUnavailableError
 from qa_pipeline.core.concurrency import ConcurrencyGate, ConcurrencyLimit
@@ -26,10 +26,12 @@ from qa_pipeline.core.progress import Progress
 from qa_pipeline.core.prompts import (
     DEFAULT_QUESTION_TYPES,
     PROMPT_VERSION,
+    PROMPT_VERSIONS,
     FailureReason,
     ParseError,
     QAPair,
     build_messages,
+    check_prompt_version,
     parse_pairs,
     question_types_described,
     response_format,
@@ -42,11 +44,11 @@ class GenerationSettings(BaseModel):
     """Everything that shapes a request; all of it goes into the cache key.
 
     A kind of request other than one chunk's QA pairs (core/multihop.py) subclasses this and overrides
-    `table`, `prompt_version` and the `*_for(task)` methods; the Generator asks through them.
+    `table`, `prompt_versions`, `prompt_version` and the `*_for(task)` methods; the Generator asks through them.
     """
 
     table: ClassVar[Table] = Table.QA_PAIRS  # the table (and journal) the answers go to
-    prompt_version: ClassVar[str] = PROMPT_VERSION
+    prompt_versions: ClassVar[tuple[str, ...]] = PROMPT_VERSIONS  # the wordings this kind of request has
 
     question_types: tuple[str, ...] = DEFAULT_QUESTION_TYPES
     # One line per type telling the model what it is; types not named here keep their default line.
@@ -54,6 +56,13 @@ class GenerationSettings(BaseModel):
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
     seed: int | None = 0
+    # How the request is worded (one of `prompt_versions`); a named model may choose its own.
+    prompt_version: str = PROMPT_VERSION
+
+    @field_validator("prompt_version")
+    @classmethod
+    def _known_version(cls, value: str) -> str:
+        return check_prompt_version(value, cls.prompt_versions)
 
     def described_types(self) -> dict[str, str]:
         """type → description, in the order the pairs come (one schema slot each)."""
@@ -64,7 +73,7 @@ class GenerationSettings(BaseModel):
         return response_format(question_types=self.described_types())
 
     def messages(self, content: str, heading_path: Sequence[str] = ()) -> list[dict[str, str]]:
-        return build_messages(content, list(heading_path), self.described_types())
+        return build_messages(content, list(heading_path), self.described_types(), self.prompt_version)
 
     def messages_for(self, task: ChunkTask) -> list[dict[str, str]]:
         return self.messages(task.content, task.heading_path)

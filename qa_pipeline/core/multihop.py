@@ -179,7 +179,8 @@ class MultiHopSettings(GenerationSettings):
     """The settings of multi-hop requests: one question per group, evidence slots per hop."""
 
     table: ClassVar[Table] = Table.MULTIHOP_PAIRS
-    prompt_version: ClassVar[str] = MULTIHOP_PROMPT_VERSION
+    prompt_versions: ClassVar[tuple[str, ...]] = (MULTIHOP_PROMPT_VERSION,)
+    prompt_version: str = MULTIHOP_PROMPT_VERSION
 
     def schema(self) -> dict:
         """The largest group's schema: part of every request's cache key (the hop count is in the messages)."""

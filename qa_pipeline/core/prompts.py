@@ -15,6 +15,11 @@ from qa_pipeline.core.settings import DEFAULT_QUESTION_TYPE_DESCRIPTIONS
 
 # qa-v2: one schema slot per question type, a difficulty label and verbatim evidence quotes per pair.
 PROMPT_VERSION = "qa-v2"
+# The same request with a terse instruction (fewer prompt tokens, no step-by-step guidance); both ask
+# for the same schema, so a model's prompt version can be compared like any other figure.
+BRIEF_PROMPT_VERSION = "qa-v2-brief"
+# The versions a request can be built with (a named model's `prompt_version` in the models file).
+PROMPT_VERSIONS: tuple[str, ...] = (PROMPT_VERSION, BRIEF_PROMPT_VERSION)
 PASSAGE_OPEN = "<passage>"
 PASSAGE_CLOSE = "</passage>"
 
@@ -162,13 +167,22 @@ def response_format(
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
+def check_prompt_version(version: str, known: Sequence[str] = PROMPT_VERSIONS) -> str:
+    """`version` if it is one of `known`, else a ValueError listing them."""
+    if version not in known:
+        raise ValueError(f"unknown prompt version {version!r}; the known versions are: {', '.join(known)}")
+    return version
+
+
 def build_messages(
     content: str,
     heading_path: list[str] | None = None,
     question_types: Sequence[str] | Mapping[str, str] = DEFAULT_QUESTION_TYPES,
+    prompt_version: str = PROMPT_VERSION,
 ) -> list[dict[str, str]]:
     """Chat messages asking for one QA pair per question type about one passage, each with evidence
-    quoted from the passage and a difficulty label."""
+    quoted from the passage and a difficulty label, worded as `prompt_version` says."""
+    check_prompt_version(prompt_version)
     described = question_types if isinstance(question_types, Mapping) else question_types_described(question_types)
     wanted = "\n".join(f"- {kind}: {description}" for kind, description in described.items())
     # The shape with bare ellipses: a placeholder text in it ("<sentence from the passage>") is what a
@@ -177,14 +191,19 @@ def build_messages(
     shape = f'"{first}": {{"type": "{first}", "question": ..., "evidence": [...], "answer": ..., "difficulty": ...}}'
     shape += ", ..." if len(described) > 1 else ""
     section = f"Section: {' > '.join(heading_path)}\n" if heading_path else ""
-    user = (
-        f"Write {len(described)} question/answer pairs about the passage below, one of each type:\n{wanted}\n"
-        "For each question, first copy into evidence the sentence or sentences of the passage that answer it, "
-        "exactly as they are written there; then write the answer from them, and rate how hard the question "
-        "is (easy, medium or hard).\n"
-        f"Return {{{shape}}}.\n\n"
-        f"{section}{PASSAGE_OPEN}\n{content}\n{PASSAGE_CLOSE}"
-    )
+    if prompt_version == BRIEF_PROMPT_VERSION:
+        instruction = (
+            f"Write one question/answer pair of each type about the passage below:\n{wanted}\n"
+            "Quote the passage's supporting sentences as evidence.\n"
+        )
+    else:
+        instruction = (
+            f"Write {len(described)} question/answer pairs about the passage below, one of each type:\n{wanted}\n"
+            "For each question, first copy into evidence the sentence or sentences of the passage that answer it, "
+            "exactly as they are written there; then write the answer from them, and rate how hard the question "
+            "is (easy, medium or hard).\n"
+        )
+    user = f"{instruction}Return {{{shape}}}.\n\n{section}{PASSAGE_OPEN}\n{content}\n{PASSAGE_CLOSE}"
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 

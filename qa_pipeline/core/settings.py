@@ -177,6 +177,17 @@ class ModelConfig(BaseModel):
     requests_per_file: PositiveInt = Field(
         500, description="offline: requests per batch file; each file's results are kept as soon as it finishes"
     )
+    prompt_version: str | None = Field(
+        None, description="the prompt version its requests are worded with (default: the current one)"
+    )
+
+    @field_validator("prompt_version")
+    @classmethod
+    def _known_prompt_version(cls, value: str | None) -> str | None:
+        # Imported here: prompts reads this module's defaults, so it cannot be imported at the top.
+        from qa_pipeline.core.prompts import check_prompt_version
+
+        return None if value is None else check_prompt_version(value)
 
     @property
     def model(self) -> str:
@@ -199,7 +210,7 @@ def load_models(data_dir: Path, settings: ModelsSettings | None = None) -> dict[
     """The named models, by name, from QA_PIPELINE_MODELS_FILE (or DATA_DIR/models.toml when it exists).
 
     The file has one table per model: `[models.NAME]` with `base_url`, `served_name`, `temperature`,
-    `max_tokens`. No file: no named model (the run uses QA_PIPELINE_LLM_* as always).
+    `max_tokens`, `prompt_version`, and for the offline engine `engine`, `batch_command`, `requests_per_file`. No file: no named model (the run uses QA_PIPELINE_LLM_* as always).
     """
     import tomllib
 
@@ -222,7 +233,9 @@ def load_models(data_dir: Path, settings: ModelsSettings | None = None) -> dict[
         try:
             models[name] = ModelConfig(name=name, **table)
         except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {e['msg'].lower()}" for e in error.errors())
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or name}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors()
+            )
             raise SettingsError(f"model {name!r} in {path}: {problems}") from None
     return models
 

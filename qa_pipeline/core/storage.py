@@ -160,6 +160,7 @@ JUDGEMENTS_SCHEMA: dict[str, pl.DataType] = {
 COMPARISON_SCHEMA: dict[str, pl.DataType] = {
     "model": pl.String(),
     "served_model": pl.String(),
+    "prompt_version": pl.String(),  # of the model's pairs (the models file's prompt_version, else the current one)
     "chunks": pl.Int64(),  # the chunks every compared model was asked about
     "success_rate": pl.Float64(),
     "failures_by_reason": pl.String(),

@@ -410,8 +410,8 @@ def _named_model(models: ModelsResource, name: str) -> ModelConfig:
 
 
 def _model_settings(settings: GenerationSettings, model: ModelConfig) -> GenerationSettings:
-    """The run's generation settings with the named model's own sampling on top."""
-    own = {"temperature": model.temperature, "max_tokens": model.max_tokens}
+    """The run's generation settings with the named model's own sampling and prompt version on top."""
+    own = {"temperature": model.temperature, "max_tokens": model.max_tokens, "prompt_version": model.prompt_version}
     return settings.model_copy(update={key: value for key, value in own.items() if value is not None})
 
 
