@@ -174,7 +174,14 @@ def command_sql(args: argparse.Namespace) -> int:
     import duckdb
     import polars as pl
 
-    storage = Storage(DataLayout.from_env(args.data_dir))
+    layout = DataLayout.from_env(args.data_dir)
+    if "model_comparison" in args.query.lower():
+        from qa_pipeline.core.comparison import refresh_comparison
+
+        # The view's rows are recorded ones: computed again first when the models' tables changed since.
+        if refresh_comparison(layout):
+            print("model_comparison: computed again from the current tables (they changed since it was recorded)", file=sys.stderr)
+    storage = Storage(layout)
     try:
         frame = storage.query(args.query)
     except duckdb.Error as error:
@@ -205,7 +212,7 @@ def command_compare(args: argparse.Namespace) -> int:
         )
         return 1
     print(f"Models on the same {comparison['chunks'].max()} chunks (one column per model):")
-    shown = comparison.with_columns(pl.col(pl.Float64).round(3))
+    shown = comparison.drop("recorded_at", "inputs_fingerprint").with_columns(pl.col(pl.Float64).round(3))
     figures = shown.drop("model").transpose(include_header=True, header_name="figure", column_names=comparison["model"])
     better = {name: ("higher is better" if up else "lower is better") for name, up in HIGHER_IS_BETTER.items()}
     figures = figures.with_columns(pl.col("figure").replace_strict(better, default="").alias("better"))

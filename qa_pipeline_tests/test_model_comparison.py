@@ -5,6 +5,7 @@ serve fails before any request, and a UI backfill over the model dimension runs 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sys
 import time
@@ -305,3 +306,39 @@ def test_an_unknown_prompt_version_is_refused_naming_the_models_file_the_model_a
     assert run.returncode == 2, run.stdout + run.stderr
     assert f"model 'qwen' in {data_dir / 'models.toml'}: prompt_version: unknown prompt version 'qa-v9'" in run.stderr
     assert "the known versions are: qa-v2, qa-v2-brief" in run.stderr
+
+
+def test_the_model_comparison_view_is_computed_again_once_a_models_tables_changed_and_only_then(tmp_path):
+    layout = DataLayout(root=tmp_path / "data")
+
+    def write(model: str, answer: str) -> None:
+        write_document(
+            Storage(layout.for_model(model)),
+            "guide.md",
+            {"c1": "The nightly backup copies the database to the archive server at two in the morning."},
+            {"c1": [("When does the nightly backup copy the database?", answer, "factual")]},
+        )
+
+    write("a", "It copies the database to the archive server at two in the morning.")
+    write("b", "It copies the database to the archive server at two in the morning.")
+    env = cli_env(layout.root)
+    run_cli("compare", env=env)
+    query = ("sql", "SELECT model, groundedness_mean, recorded_at FROM model_comparison ORDER BY model", "--format", "json")
+    recorded = run_cli(*query, env=env)
+    assert "computed again" not in recorded.stderr, "nothing changed since `compare` recorded the rows"
+    before = {row["model"]: row for row in json.loads(recorded.stdout)}
+    assert set(before) == {"a", "b"}
+
+    # After the rows were recorded: a third model, and another answer from b.
+    write("c", "It copies the database to the archive server at two in the morning.")
+    write("b", "Every Sunday the cloud vendor mirrors all user photos to tape.")
+    changed = run_cli(*query, env=env)
+    assert "model_comparison: computed again from the current tables" in changed.stderr
+    after = {row["model"]: row for row in json.loads(changed.stdout)}
+    assert set(after) == {"a", "b", "c"}, "the new model is in the view without running compare"
+    assert after["b"]["groundedness_mean"] < before["b"]["groundedness_mean"], "b's new answer is scored"
+    assert after["a"]["recorded_at"] > before["a"]["recorded_at"]
+
+    unchanged = run_cli(*query, env=env)
+    assert "computed again" not in unchanged.stderr
+    assert json.loads(unchanged.stdout) == json.loads(changed.stdout)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 
 import polars as pl
 
@@ -191,8 +194,45 @@ def plot_comparison(comparison: pl.DataFrame) -> bytes:
 
 
 def record_comparison(layout: DataLayout) -> tuple[pl.DataFrame, dict[str, ModelTables]]:
-    """Compares every model with outputs and writes the rows the `model_comparison` view serves."""
-    tables = load_model_tables(layout)
-    comparison = compare_models(tables)
+    """Compares every model with outputs and writes the rows the `model_comparison` view serves, stamped
+    with the time and the fingerprint of the files they come from."""
+    tables = load_model_tables(layout)  # first: it may bring a model's pair scores up to date
+    comparison = compare_models(tables).with_columns(
+        pl.lit(datetime.now(timezone.utc), dtype=COMPARISON_SCHEMA["recorded_at"]).alias("recorded_at"),
+        pl.lit(inputs_fingerprint(layout)).alias("inputs_fingerprint"),
+    )
     Storage(layout).write_partition(Table.MODEL_COMPARISON, "models", comparison)
     return comparison, tables
+
+
+def refresh_comparison(layout: DataLayout) -> bool:
+    """Computes the `model_comparison` rows again when any model's tables changed since they were
+    recorded (or none were); True when it did. Readers of the view then never see stale rows."""
+    recorded = Storage(layout).read_table(Table.MODEL_COMPARISON)
+    if recorded.height and recorded["inputs_fingerprint"].unique().to_list() == [inputs_fingerprint(layout)]:
+        return False
+    if recorded.height == 0 and not _input_files(layout):
+        return False  # nothing to compare yet: the view stays empty
+    record_comparison(layout)
+    return True
+
+
+def inputs_fingerprint(layout: DataLayout) -> str:
+    """A digest of the name, size and modification time of every file the comparison reads: any
+    write, deletion or new model changes it."""
+    digest = hashlib.sha256()
+    for path in _input_files(layout):
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _input_files(layout: DataLayout) -> list[Path]:
+    """Every file of each model's tables, and of the default generator's judgements."""
+    files = []
+    for name in (None, *layout.named_models()):
+        scoped = layout.for_model(name)
+        for table in (*MODEL_TABLES, *((Table.JUDGEMENTS,) if name is None else ())):
+            folder = scoped.table_dir(table)
+            files += sorted(path for path in folder.rglob("*") if path.is_file()) if folder.exists() else []
+    return files

