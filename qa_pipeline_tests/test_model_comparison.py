@@ -342,3 +342,19 @@ def test_the_model_comparison_view_is_computed_again_once_a_models_tables_change
     unchanged = run_cli(*query, env=env)
     assert "computed again" not in unchanged.stderr
     assert json.loads(unchanged.stdout) == json.loads(changed.stdout)
+
+
+VLLM_COMMAND = Path(sys.executable).parent / "vllm"
+
+
+@pytest.mark.skipif(not VLLM_COMMAND.exists(), reason="the embedded vLLM build is not installed in this environment")
+def test_an_offline_model_whose_vllm_command_cannot_start_fails_naming_the_command_and_the_one_to_use(data_dir):
+    write_documents(data_dir, 1)
+    (data_dir / "models.toml").write_text(
+        f'[models.offline]\nengine = "offline"\nserved_name = "smollm2"\nbatch_command = "{VLLM_COMMAND} run-batch"\n'
+    )
+    run = run_cli("run", "--model", "offline", env=cli_env(data_dir), check=False)
+    output = run.stdout + run.stderr
+    assert run.returncode == 1, output
+    assert f"the batch command {VLLM_COMMAND} run-batch cannot start" in output
+    assert "PackageNotFoundError" in output and 'batch_command = "embedded"' in output
