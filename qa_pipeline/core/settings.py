@@ -238,7 +238,7 @@ def load_models(data_dir: Path, settings: ModelsSettings | None = None) -> dict[
             models[name] = ModelConfig(name=name, **table)
         except ValidationError as error:
             problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or name}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors()
+                f"{'.'.join(map(str, e['loc'])) or name}: {e['msg'].lower().removeprefix('value error, ')}" for e in error.errors()
             )
             raise SettingsError(f"model {name!r} in {path}: {problems}") from None
     return models
