@@ -77,3 +77,17 @@ def test_sigterm_during_the_report_step_ends_the_command_with_status_130(simulat
     assert returncode == 130, output[-3000:]
     assert "stopped by a signal" in output
     assert "qa-pipeline run: 4 documents done" not in output
+
+
+def test_sigterm_during_the_concurrency_benchmark_ends_the_command_at_once(simulator, data_dir, tmp_path):
+    # Every answer takes about 30 s: a benchmark level would outlast the test by far if it were waited for.
+    sim = simulator(step_base_ms=100, output_tokens_mean=300, output_tokens_max=400)
+    (data_dir / "sources" / "doc.md").write_text("# Doc\n\nThe job runs twice a day and keeps seven copies.\n")
+    log = tmp_path / "run.log"
+    process = run_until(cli_env(data_dir, sim.base_url), log, "concurrency benchmark: level 1", "--levels", "1,4", timeout_s=300)
+    started = time.monotonic()
+    returncode, output = stop(process, log)
+    assert returncode == 130, output[-3000:]
+    assert time.monotonic() - started < 30, "the command waited for the benchmark's requests"
+    assert "stopped by a signal" in output
+    assert "benchmark_runs" not in output and "recommended" not in output.split("concurrency benchmark: level 1")[-1]

@@ -16,7 +16,7 @@ import polars as pl
 from qa_pipeline.core.client import ChatOutcome, LLMClient, ServerMetrics
 from qa_pipeline.core.concurrency import FixedLimit
 from qa_pipeline.core.dispatch import Dispatcher
-from qa_pipeline.core.generation import GenerationSettings
+from qa_pipeline.core.generation import GenerationInterrupted, GenerationSettings, stop_on_signals
 from qa_pipeline.core.prompts import ParseError, parse_pairs
 from qa_pipeline.core.settings import BENCHMARK_REUSE_DAYS
 from qa_pipeline.core.storage import BENCHMARK_SCHEMA, Storage
@@ -141,14 +141,21 @@ async def run_level(
     n_requests: int,
     max_seconds: float,
     metrics_interval_s: float = 0.5,
+    interrupt: asyncio.Event | None = None,
 ) -> LevelResult:
     """Sends `n_requests` through the dispatch loop at a fixed limit of `level`, as generation does,
-    sampling the server meanwhile; no request starts after `max_seconds`, those in flight finish."""
+    sampling the server meanwhile; no request starts after `max_seconds`, those in flight finish.
+    Once `interrupt` is set, nothing starts and nothing in flight is waited for."""
     result = LevelResult(concurrency=level)
     schema = settings.schema()
     spans: list[RequestSpan] = []
     stop = asyncio.Event()
-    dispatcher = Dispatcher(FixedLimit(level), stop=stop)
+    dispatcher = Dispatcher(FixedLimit(level), stop=stop, abandon=interrupt)
+
+    async def relay_interrupt() -> None:
+        if interrupt is not None:
+            await interrupt.wait()
+            stop.set()
 
     async def send(messages: list[dict]) -> tuple[ChatOutcome, RequestSpan]:
         sent_at = time.monotonic()
@@ -182,14 +189,15 @@ async def run_level(
                 result.metrics.append(metrics)
             await asyncio.sleep(metrics_interval_s)
 
-    sampling = asyncio.create_task(sampler())
+    sampling, relay = asyncio.create_task(sampler()), asyncio.create_task(relay_interrupt())
     deadline = asyncio.get_running_loop().call_later(max_seconds, stop.set)
     try:
         dispatched = await dispatcher.run((prompts[i % len(prompts)] for i in range(n_requests)), send, answered)
     finally:
         deadline.cancel()
         sampling.cancel()
-        await asyncio.gather(sampling, return_exceptions=True)
+        relay.cancel()
+        await asyncio.gather(sampling, relay, return_exceptions=True)
     result.duration_s = dispatched.ended_at - dispatched.began_at
     window = sustained_window(spans, level, dispatched.last_start_at)
     if window is not None:
@@ -206,14 +214,37 @@ async def sweep(
     max_seconds_per_level: float = 300.0,
     log: Callable[[str], None] = print,
 ) -> list[LevelResult]:
-    """Runs each level in turn over the test sample's prompts."""
+    """Runs each level in turn over the test sample's prompts.
+
+    SIGINT/SIGTERM (or the command line's stop request) end it at once: a sweep cut short measures
+    nothing worth keeping, so requests in flight are abandoned and GenerationInterrupted is raised.
+    """
     if not prompts:
         raise ValueError("the concurrency benchmark needs at least one chunk in the test sample")
+    interrupt = asyncio.Event()
+    with stop_on_signals(interrupt, interrupt, log):
+        results = await _sweep_levels(client, prompts, levels, settings, max_seconds_per_level, log, interrupt)
+    if interrupt.is_set():
+        raise GenerationInterrupted("the concurrency benchmark was stopped; nothing of it is kept")
+    return results
+
+
+async def _sweep_levels(
+    client: LLMClient,
+    prompts: Sequence[list[dict]],
+    levels: Sequence[int],
+    settings: GenerationSettings,
+    max_seconds_per_level: float,
+    log: Callable[[str], None],
+    interrupt: asyncio.Event,
+) -> list[LevelResult]:
     results = []
     for position, level in enumerate(sorted(set(levels)), start=1):
+        if interrupt.is_set():
+            break
         n = requests_for_level(level)
         log(f"concurrency benchmark: level {level} ({position}/{len(set(levels))}), {n} requests")
-        result = await run_level(client, prompts, level, settings, n, max_seconds_per_level)
+        result = await run_level(client, prompts, level, settings, n, max_seconds_per_level, interrupt=interrupt)
         sustained = result.sustained_output_tokens_per_s
         log(
             f"concurrency benchmark: level {level}: "
