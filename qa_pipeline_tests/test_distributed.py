@@ -38,7 +38,9 @@ DOCUMENTS = 20
 DOCUMENTS_PER_RUN = 2
 CHUNKS_PER_DOCUMENT = 3
 QUESTION_TYPES = 3
-SIMULATOR = {"max_num_seqs": 32, "step_base_ms": 2, "output_tokens_mean": 60, "output_tokens_max": 150}
+# A step of 30 ms makes each answer take seconds, so each run lasts longer than the run queue takes to
+# start the next ones: the runs overlap however busy the machine is.
+SIMULATOR = {"max_num_seqs": 32, "step_base_ms": 30, "output_tokens_mean": 60, "output_tokens_max": 150}
 
 
 @dataclass(frozen=True)
@@ -312,12 +314,13 @@ def test_backfill_over_many_documents_survives_an_endpoint_dying(tmp_path, simul
         def materialized() -> set[str]:
             return set(instance.get_materialized_partitions(dg.AssetKey("qa_pairs")))
 
-        wait_for(lambda: len(materialized()) >= DOCUMENTS // 2, 600, "half of the documents", services, 0.3)
+        wait_for(lambda: len(materialized()) >= DOCUMENTS // 3, 600, "a third of the documents", services, 0.3)
         victim_requests_before_kill = victim.stats()["requests_total"]
         victim.kill()
         killed_with = len(materialized())
+        # Relative to what was done at the kill (more may land between the wait and the kill on a busy machine).
         wait_for(
-            lambda: len(materialized()) >= min(DOCUMENTS - 8, killed_with + 3), 300,
+            lambda: len(materialized()) >= killed_with + 2, 300,
             "documents to finish while an endpoint is down", services, 0.3,
         )
         victim.restart()
@@ -340,7 +343,7 @@ def test_backfill_over_many_documents_survives_an_endpoint_dying(tmp_path, simul
     assert {r.dagster_run.status for r in runs} == {dg.DagsterRunStatus.SUCCESS}
     intervals = [(r.start_time, r.end_time) for r in runs]
     assert max_overlap(intervals) >= 4, f"at most {max_overlap(intervals)} runs were in progress at once"
-    assert DOCUMENTS // 2 <= killed_with < restarted_with < DOCUMENTS
+    assert DOCUMENTS // 3 <= killed_with < restarted_with < DOCUMENTS
 
     # No chunk lost or duplicated: every chunk once, each with one pair per question type.
     query_env = cli_env(data_dir)
