@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,7 +37,16 @@ from qa_pipeline.core.prompts import (
     response_format,
 )
 from qa_pipeline.core.settings import DEFAULT_MAX_TOKENS, DEFAULT_STALL_TIMEOUT_S
-from qa_pipeline.core.storage import ChunkResult, Journal, StorageFullError, format_bytes, journal_space_needed
+from qa_pipeline.core.storage import (
+    ChunkResult,
+    Journal,
+    PUBLISH_BATCH_CHUNKS,
+    JournalEntry,
+    Storage,
+    StorageFullError,
+    format_bytes,
+    journal_space_needed,
+)
 
 
 class GenerationSettings(BaseModel):
@@ -95,6 +104,27 @@ class ChunkTask:
     chunk_id: str
     content: str
     heading_path: tuple[str, ...] = ()
+
+
+class ChunkTasks:
+    """The chunks of some documents, read from their chunks tables a batch at a time on each pass: the
+    generator goes over them twice without holding them (see `Generator.run`)."""
+
+    def __init__(self, storage: Storage, documents: Sequence[str], batch_rows: int = PUBLISH_BATCH_CHUNKS):
+        self.storage, self.batch_rows = storage, batch_rows
+        counts = {document: storage.read_partition(Table.CHUNKS, document, columns=["chunk_id"]) for document in documents}
+        self.documents = [document for document, ids in counts.items() if ids is not None]
+        self.missing = [document for document, ids in counts.items() if ids is None]  # not chunked yet
+        self._count = sum(ids.height for ids in counts.values() if ids is not None)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[ChunkTask]:
+        for document in self.documents:
+            for batch in self.storage.partition_batches(Table.CHUNKS, document, self.batch_rows):
+                for chunk_id, content, heading_path in batch.select("chunk_id", "content", "heading_path").iter_rows():
+                    yield ChunkTask(document, chunk_id, content, tuple(heading_path or ()))
 
 
 class GenerationInterrupted(RuntimeError):
@@ -215,7 +245,7 @@ class TelemetrySample:
 class GenerationReport:
     """What a generation run did, per chunk and overall."""
 
-    results: dict[str, list[ChunkResult]]  # per document, in chunk order
+    results: dict[str, Sequence[ChunkResult]]  # per document, in chunk order (read from the journal when asked for)
     sent: int = 0
     cached: int = 0
     duration_s: float = 0.0
@@ -229,6 +259,49 @@ class GenerationReport:
     @property
     def output_tokens_per_s(self) -> float:
         return self.output_tokens / self.duration_s if self.duration_s else 0.0
+
+
+class DocumentResults(Sequence[ChunkResult]):
+    """One document's results in chunk order, read from its journal line by line as they are asked for:
+    a document of any size is published without its results all in memory."""
+
+    def __init__(self, journal: Journal, keys: list[tuple[str, str]], entries: dict[str, JournalEntry]):
+        self.journal = journal
+        self.keys = keys  # (chunk_id, request hash) of each current chunk, in order
+        self.entries = entries  # request hash → where its result is in the journal
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        chunk_id, key = self.keys[index]
+        result = self.journal.read_at(self.entries[key].offset)
+        if result is None or result.request_hash != key:
+            # The journal was compacted by a later run since these offsets were taken: find them again.
+            self.entries.clear()
+            self.entries.update(self.journal.index())
+            result = self.journal.read_at(self.entries[key].offset)
+        if result.chunk_id != chunk_id:  # moved, or the same text as another chunk
+            result = result.model_copy(update={"chunk_id": chunk_id})
+        return result
+
+    def renamed(self) -> bool:
+        """Whether any result was journaled under another chunk id (moved, or repeating another chunk's text)."""
+        return any(self.entries[key].chunk_id != chunk_id for chunk_id, key in self.keys)
+
+    def fill_the_journal(self) -> bool:
+        """Whether the journal is these results and nothing else, one line each: compaction has nothing to do."""
+        return self.journal.lines == len(self.keys) and len({key for _, key in self.keys}) == len(self.keys)
+
+    def rewrite(self) -> dict[str, JournalEntry]:
+        """Compacts the journal to these results; where each one now is."""
+        offsets = self.journal.rewrite(iter(self))
+        entries = {}
+        for (chunk_id, key), offset in zip(self.keys, offsets, strict=True):
+            entries[key] = JournalEntry(self.entries[key].ok, offset, chunk_id)
+        return entries
 
 
 def request_hasher(model: str, settings: GenerationSettings, schema: dict) -> Callable[[Sequence[dict]], str]:
@@ -358,73 +431,80 @@ class Generator:
 
     async def run(
         self,
-        tasks: Sequence[ChunkTask],
+        tasks: Iterable[ChunkTask],
         stop: asyncio.Event | None = None,
-        on_document_done: Callable[[str, list[ChunkResult]], Awaitable[None]] | None = None,
+        on_document_done: Callable[[str, Sequence[ChunkResult]], Awaitable[None]] | None = None,
     ) -> GenerationReport:
         """Generates what is not in the journal yet; returns every chunk's result, per document.
+
+        `tasks` is read twice (a list, or `ChunkTasks` reading the chunks tables in batches): once to
+        know which chunks the journal lacks, once to send them, their prompts built as they go out. So
+        memory holds the requests in flight and a request hash per chunk, whatever the documents' size;
+        the results stay in the journals and are read back from there (`DocumentResults`).
 
         `on_document_done(document, results)` runs as soon as a document's last chunk has its result
         (at once for a document with nothing to send), alongside the rest of the queue: a run over
         many documents writes each one's tables while the server works on the others.
         """
         model = self.client.model or await self.client.resolve_model()
-        documents = sorted({t.document for t in tasks})
+        key_of = request_hasher(model, self.settings, self.schema)
+        keys_by_document: dict[str, list[tuple[str, str]]] = {}
+        for task in tasks:
+            key = key_of(self.settings.messages_for(task))
+            keys_by_document.setdefault(task.document, []).append((task.chunk_id, key))
+        documents = sorted(keys_by_document)
         journals = {d: Journal(self.layout.journal_file(d, self.settings.table)) for d in documents}
-        # Loaded even when forced: the journal then knows its line count, which compaction relies on.
-        finished = {d: j.load() for d, j in journals.items()}
+        # Indexed even when forced: the journal then knows its line count, which compaction relies on.
+        finished = {d: j.index() for d, j in journals.items()}
         if self.force:
             finished = {d: {} for d in documents}
 
-        key_of = request_hasher(model, self.settings, self.schema)
-        keyed = []
-        for task in tasks:
-            messages = self.settings.messages_for(task)
-            keyed.append((task, messages, key_of(messages)))
-        todo, queued, repeats = [], set(), 0
-        for task, messages, key in keyed:
-            done = finished[task.document].get(key)
-            if done is not None and done.ok:
-                continue
-            if (task.document, key) in queued:
-                repeats += 1  # the same text twice in a document: one request answers both chunks
-                continue
-            queued.add((task.document, key))
-            todo.append((task, messages, key))
+        to_send: set[tuple[str, str]] = set()
+        total = repeats = 0
+        for document in documents:
+            for _, key in keys_by_document[document]:
+                total += 1
+                done = finished[document].get(key)
+                if done is not None and done.ok:
+                    continue
+                if (document, key) in to_send:
+                    repeats += 1  # the same text twice in a document: one request answers both chunks
+                    continue
+                to_send.add((document, key))
+        unfinished = Counter(document for document, _ in to_send)
+        sending = len(to_send)
+
+        def todo() -> Iterator[tuple[ChunkTask, list[dict[str, str]], str]]:
+            """The chunks to send, in the order of `tasks`, each prompt built as it goes out."""
+            for task in tasks:
+                messages = self.settings.messages_for(task)
+                key = key_of(messages)
+                if (task.document, key) in to_send:
+                    to_send.discard((task.document, key))
+                    yield task, messages, key
 
         table = self.settings.table
         label = f"{table} {documents[0]}" if len(documents) == 1 else f"{table} ({len(documents)} documents)"
-        progress = Progress(label, len(tasks) - repeats, self.log, self.progress_interval_s)
-        for _ in range(len(tasks) - len(todo) - repeats):
+        progress = Progress(label, total - repeats, self.log, self.progress_interval_s)
+        for _ in range(total - sending - repeats):
             progress.advance(cached=True)
-        report = GenerationReport(results={}, cached=len(tasks) - len(todo) - repeats)
+        report = GenerationReport(results={}, cached=total - sending - repeats)
         self.log(
-            f"{label}: {len(tasks)} chunks, {report.cached} already done (journal/cache), "
+            f"{label}: {total} chunks, {report.cached} already done (journal/cache), "
             + (f"{repeats} repeating another chunk's text, " if repeats else "")
-            + f"{len(todo)} to send to {', '.join(e.base_url for e in self.client.endpoints)} "
+            + f"{sending} to send to {', '.join(e.base_url for e in self.client.endpoints)} "
             f"(model {model}, concurrency {self.limiter.limit})"
         )
 
-        keys_by_document: dict[str, list[tuple[str, str]]] = {d: [] for d in documents}
-        for task, _, key in keyed:
-            keys_by_document[task.document].append((task.chunk_id, key))
-
-        def current(document: str) -> tuple[list[ChunkResult], bool]:
-            """The document's results in chunk order, and whether any moved to another chunk id."""
-            results, renamed = [], False
-            for chunk_id, key in keys_by_document[document]:
-                result = finished[document][key]
-                if result.chunk_id != chunk_id:  # moved, or the same text as another chunk
-                    result, renamed = result.model_copy(update={"chunk_id": chunk_id}), True
-                results.append(result)
-            return results, renamed
+        def current(document: str) -> DocumentResults:
+            """The document's results in chunk order, read from its journal when asked for."""
+            return DocumentResults(journals[document], keys_by_document[document], finished[document])
 
         hooks: list[asyncio.Task] = []
-        unfinished = Counter(task.document for task, _, _ in todo)
 
         def hand_over(document: str) -> None:
             if on_document_done is not None:
-                hooks.append(asyncio.create_task(on_document_done(document, current(document)[0])))
+                hooks.append(asyncio.create_task(on_document_done(document, current(document))))
 
         def chunk_done(document: str) -> None:
             unfinished[document] -= 1
@@ -444,7 +524,7 @@ class Generator:
                 stack.enter_context(self.client.log_to(self.log))
                 for journal in journals.values():
                     stack.enter_context(journal)
-                await self._dispatch(todo, model, journals, finished, progress, report, stop, abandon, chunk_done)
+                await self._dispatch(todo(), model, journals, finished, progress, report, stop, abandon, chunk_done)
             report.duration_s = time.monotonic() - started
             report.output_tokens = progress.output_tokens
             await asyncio.gather(*hooks)
@@ -452,12 +532,12 @@ class Generator:
             await asyncio.gather(*hooks, return_exceptions=True)  # none is left running on the way out
 
         for document, journal in journals.items():
-            results, renamed = current(document)
-            report.results[document] = results
+            results = current(document)
             # Compact: the journal keeps the document's current chunks only.
-            if renamed or not journal.holds_exactly(results):
-                journal.rewrite(results)
-        if todo:
+            if results.renamed() or not results.fill_the_journal():
+                finished[document] = results.rewrite()
+            report.results[document] = current(document)
+        if sending:
             progress.finish()
         return report
 
@@ -487,16 +567,16 @@ class Generator:
                 return await self._ask(task, messages, key, model)
             except _LostToOutage as outage:
                 # Saved as failed (the next run sends it again); the outage is said once, by the run's error.
-                journals[task.document].append(outage.result)
-                finished[task.document][key] = outage.result
+                offset = journals[task.document].append(outage.result)
+                finished[task.document][key] = JournalEntry(False, offset, task.chunk_id)
                 progress.advance(failed=True, output_tokens=outage.output_tokens)
                 lost.append(outage.result)
                 raise outage.error from None
 
         def answered(item, answer: tuple[ChunkResult, int]) -> None:
             (task, _, key), (result, output_tokens) = item, answer
-            journals[task.document].append(result)
-            finished[task.document][key] = result
+            offset = journals[task.document].append(result)
+            finished[task.document][key] = JournalEntry(result.ok, offset, result.chunk_id)
             chunk_done(task.document)
             progress.advance(failed=not result.ok, output_tokens=output_tokens)
             if not result.ok:

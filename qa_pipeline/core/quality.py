@@ -357,7 +357,10 @@ def evidence_columns(pairs: pl.DataFrame, chunks: pl.DataFrame) -> pl.DataFrame:
 
 
 def score_pairs(
-    pairs: pl.DataFrame, chunks: pl.DataFrame, threshold: float = NEAR_DUPLICATE_JACCARD
+    pairs: pl.DataFrame,
+    chunks: pl.DataFrame,
+    threshold: float = NEAR_DUPLICATE_JACCARD,
+    duplicates: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """`pair_scores` rows for `qa_pairs` rows, given the chunks they were generated from.
 
@@ -365,7 +368,9 @@ def score_pairs(
     left out), numbers and names that the chunk contains, after crude stemming. Numbers and names
     the chunk does not contain are listed: an invented figure or product is the typical hallucination.
     Duplicates are looked for within the frame (one document when scoring a partition); the
-    dataset-wide search is `find_duplicate_questions` over all pairs. Evidence: see `evidence_columns`.
+    dataset-wide search is `find_duplicate_questions` over all pairs. `duplicates`, when given, is that
+    search done beforehand over more pairs than these (a document scored a batch at a time).
+    Evidence: see `evidence_columns`.
     """
     rows = pairs.with_row_index("row")
     evidence = evidence_columns(pairs, chunks).with_row_index("row")
@@ -417,7 +422,7 @@ def score_pairs(
         _tokens(rows.select("row", text=pl.col("question") + "\n" + pl.col("answer")), "row", "text"), "row"
     )
     questions = normalized_questions(rows["question"]).select("normalized").with_columns(rows["row"])
-    duplicates = find_duplicate_questions(pairs, threshold).select(
+    duplicates = (find_duplicate_questions(pairs, threshold) if duplicates is None else duplicates).select(
         "document",
         "chunk_id",
         "pair_index",

@@ -9,13 +9,15 @@ import io
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
 import duckdb
 import polars as pl
+import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from qa_pipeline.core.chunking import CHUNK_SCHEMA
@@ -293,12 +295,17 @@ def format_bytes(size: float) -> str:
 
 def _write_bytes_atomic(data: bytes, path: Path) -> None:
     """Readers see the old file or the new one, never half of one; a failed write leaves no temporary file."""
+    _write_atomic(lambda handle: handle.write(data), path)
+
+
+def _write_atomic(write: Callable[[BinaryIO], object], path: Path) -> None:
+    """`write(handle)` fills a temporary file that then replaces `path` (see `_write_bytes_atomic`)."""
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -355,6 +362,15 @@ def write_source_stamps(stamps: dict[str, FileStamp], path: Path) -> None:
         pass  # a cache: the next discovery hashes the files again
 
 
+@dataclass(frozen=True)
+class JournalEntry:
+    """Where one request's result is in a journal, and what `publish_document` needs to know before reading it."""
+
+    ok: bool
+    offset: int
+    chunk_id: str
+
+
 class Journal:
     """Append-only JSONL of finished chunks for one document, flushed per line so a killed run resumes.
 
@@ -368,11 +384,6 @@ class Journal:
         self._entered = False
         # Lines in the file, counted by load() and kept up by append(); None until load() has run.
         self.lines: int | None = None
-
-    def holds_exactly(self, results: Sequence[ChunkResult]) -> bool:
-        """Whether the file is these results and nothing else, one line each, so compaction has nothing
-        to do. The caller vouches that every result was loaded from or appended to this journal."""
-        return self.lines == len(results) and len({r.request_hash for r in results}) == len(results)
 
     def load(self) -> dict[str, ChunkResult]:
         """Latest result per request hash; a line cut short by a crash is skipped."""
@@ -393,6 +404,39 @@ class Journal:
                     results[result.request_hash] = result
         return results
 
+    def index(self) -> dict[str, JournalEntry]:
+        """Where the latest result of each request hash is (as `load` picks it), without keeping the
+        results: a document's journal is read back one line at a time (`read_at`) when it is published."""
+        entries: dict[str, JournalEntry] = {}
+        self.lines = 0
+        if not self.path.exists():
+            return entries
+        with self.path.open("rb") as handle:
+            offset = 0
+            for line in handle:
+                self.lines += 1
+                try:
+                    result = ChunkResult.model_validate_json(line)
+                except ValueError:
+                    offset += len(line)
+                    continue
+                previous = entries.get(result.request_hash)
+                if previous is None or result.ok or not previous.ok:
+                    entries[result.request_hash] = JournalEntry(result.ok, offset, result.chunk_id)
+                offset += len(line)
+        return entries
+
+    def read_at(self, offset: int) -> ChunkResult | None:
+        """The result on the line starting at byte `offset` (from `index`, `append` or `rewrite`); None
+        when that line is not a whole record (the file was rewritten since)."""
+        with self.path.open("rb") as handle:
+            handle.seek(offset)
+            line = handle.readline()
+        try:
+            return ChunkResult.model_validate_json(line)
+        except ValueError:
+            return None
+
     def __enter__(self) -> Journal:
         # The file is opened by the first append: a run that saves nothing (all cached, a full disk,
         # stopped before the first answer) leaves no empty journal behind.
@@ -403,7 +447,7 @@ class Journal:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._drop_cut_line()
-            self._handle = self.path.open("a", encoding="utf-8")
+            self._handle = self.path.open("ab")
         except OSError as error:
             raise StorageFullError.writing(self.path, error) from error
 
@@ -438,15 +482,17 @@ class Journal:
                 _close_quietly(handle)
                 raise StorageFullError.writing(self.path, error) from error
 
-    def append(self, result: ChunkResult) -> None:
-        """Adds one finished chunk; raises StorageFullError when it cannot be written (the chunk is then
-        not saved, and any part of its line that reached the file is cut off by the next append)."""
+    def append(self, result: ChunkResult) -> int:
+        """Adds one finished chunk and returns the byte offset of its line; raises StorageFullError when it
+        cannot be written (the chunk is then not saved, and any part of its line that reached the file is
+        cut off by the next append)."""
         # One write per line plus flush: the OS has it even if this process is SIGKILLed.
         assert self._entered, "Journal.append outside `with`"
         if self._handle is None:
             self._open()
         try:
-            self._handle.write(result.model_dump_json() + "\n")
+            offset = self._handle.tell()
+            self._handle.write(result.model_dump_json().encode("utf-8") + b"\n")
             self._handle.flush()
         except OSError as error:
             # The unwritten rest of the line is dropped with the handle, so it cannot be written later
@@ -456,12 +502,21 @@ class Journal:
             raise StorageFullError.writing(self.path, error) from error
         if self.lines is not None:
             self.lines += 1
+        return offset
 
-    def rewrite(self, results: Iterable[ChunkResult]) -> None:
-        """Keep only the given results (the document's current chunks), replacing the file atomically."""
-        results = list(results)
-        write_text_atomic("".join(r.model_dump_json() + "\n" for r in results), self.path)
-        self.lines = len(results)
+    def rewrite(self, results: Iterable[ChunkResult]) -> list[int]:
+        """Keep only the given results (the document's current chunks), replacing the file atomically;
+        the byte offset of each one's line. Written as they come, so a large document is never whole in memory."""
+        offsets: list[int] = []
+
+        def write(handle) -> None:
+            for result in results:
+                offsets.append(handle.tell())
+                handle.write(result.model_dump_json().encode("utf-8") + b"\n")
+
+        _write_atomic(write, self.path)
+        self.lines = len(offsets)
+        return offsets
 
 
 def _move(path: Path, target: Path) -> None:
@@ -570,13 +625,17 @@ QA_TABLES = ResultTables(
 
 @dataclass(frozen=True)
 class PublishedDocument:
-    """One document's tables as `Storage.publish_document` wrote them: its figures and checks read these."""
+    """One document's tables as `Storage.publish_document` wrote them: its figures and checks read these.
+
+    The frames hold the columns the checks read (every `failures` column), not whole tables: a large
+    document's rows are on disk, written in batches.
+    """
 
     document: str
-    chunks: pl.DataFrame
-    pairs: pl.DataFrame
+    chunks: pl.DataFrame  # chunk_id, position
+    pairs: pl.DataFrame  # document, chunk_id, pair_index, type, question
     failures: pl.DataFrame
-    scores: pl.DataFrame
+    scores: pl.DataFrame  # PUBLISHED_SCORE_COLUMNS
     answered: int  # current chunks with a result (pairs or a failure)
     changed: bool = True  # False: every table already held exactly these rows (nothing was written)
 
@@ -585,15 +644,106 @@ class PublishedDocument:
         return self.failures.height / self.answered if self.answered else 0.0
 
 
+PUBLISHED_PAIR_COLUMNS = ("document", "chunk_id", "pair_index", "type", "question")
+PUBLISHED_SCORE_COLUMNS = (
+    "document", "chunk_id", "pair_index", "groundedness", "unsupported_numbers", "refusal", "duplicate_scope",
+    "evidence_score", "evidence_methods", "scorer_version",
+)
+# Chunks a document is published in at a time (its results read, written and scored): memory holds one
+# batch's rows, whatever the document's size.
+PUBLISH_BATCH_CHUNKS = 2000
+
+
+def best_result_by_chunk(results: Iterable[ChunkResult]) -> dict[str, int]:
+    """Per chunk id the index in `results` of its newest result with QA pairs, else of its newest failure."""
+    best: dict[str, tuple[bool, datetime, int]] = {}
+    for index, result in enumerate(results):
+        current = best.get(result.chunk_id)
+        if current is None or (result.ok, result.finished_at) > current[:2]:
+            best[result.chunk_id] = (result.ok, result.finished_at, index)
+    return {chunk_id: index for chunk_id, (_, _, index) in best.items()}
+
+
 def best_results(results: Iterable[ChunkResult], chunk_order: Sequence[str]) -> list[ChunkResult]:
     """Per chunk of `chunk_order` (the document's current chunks, in order) its newest result with QA
-    pairs, else its newest failure; results of chunks no longer in the document are left out."""
-    best: dict[str, ChunkResult] = {}
-    for result in results:
-        current = best.get(result.chunk_id)
-        if current is None or (result.ok, result.finished_at) > (current.ok, current.finished_at):
-            best[result.chunk_id] = result
-    return [best[chunk_id] for chunk_id in chunk_order if chunk_id in best]
+    pairs, else its newest failure (see `best_result_by_chunk`); results of chunks no longer in the
+    document are left out."""
+    results = results if isinstance(results, Sequence) else list(results)
+    best = best_result_by_chunk(results)
+    return [results[best[chunk_id]] for chunk_id in chunk_order if chunk_id in best]
+
+
+class _RowReader:
+    """A Parquet file's rows (or a frame's), taken `n` at a time in file order, one record batch after another."""
+
+    def __init__(self, source: Path | pl.DataFrame):
+        if isinstance(source, pl.DataFrame):  # rows already read (a compacted segment's)
+            self._batches = iter(source.to_arrow().to_batches())
+        else:
+            self._batches = pq.ParquetFile(source).iter_batches(batch_size=PUBLISH_BATCH_CHUNKS)
+        self._buffer: pl.DataFrame | None = None
+
+    def take(self, rows: int) -> pl.DataFrame:
+        parts, wanted = [], rows
+        while wanted > 0:
+            if self._buffer is None or self._buffer.height == 0:
+                batch = next(self._batches, None)
+                if batch is None:
+                    break
+                self._buffer = pl.from_arrow(batch)
+            parts.append(self._buffer.head(wanted))
+            self._buffer = self._buffer.slice(wanted)
+            wanted -= parts[-1].height
+        return pl.concat(parts) if parts else pl.DataFrame()
+
+
+class _ParquetBatches:
+    """A Parquet file written one frame at a time into a temporary file, which `Storage._install` puts in
+    place (or drops); a failed write raises StorageFullError naming the table's file."""
+
+    def __init__(self, path: Path, schema: dict[str, pl.DataType]):
+        self.path = path  # the file it will replace
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self._schema = pl.DataFrame(schema=schema).to_arrow().schema
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, frame: pl.DataFrame) -> None:
+        try:
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(self.tmp, self._schema, compression="zstd")
+            self._writer.write_table(frame.to_arrow().cast(self._schema))
+        except OSError as error:
+            self.discard()
+            raise StorageFullError.writing(self.path, error) from error
+
+    def close(self) -> None:
+        """Flushes the file to disk; after `close`, the temporary file holds every row written."""
+        try:
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(self.tmp, self._schema, compression="zstd")
+                self._writer.write_table(self._schema.empty_table())
+            self._writer.close()
+            with self.tmp.open("rb+") as handle:
+                os.fsync(handle.fileno())
+        except OSError as error:
+            self.discard()
+            raise StorageFullError.writing(self.path, error) from error
+
+    def discard(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> _ParquetBatches:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None:
+            self.discard()
 
 
 # Per-document files written or deleted since the last compaction, above which the report compacts a table.
@@ -612,13 +762,18 @@ class Storage:
     ) -> PublishedDocument:
         """Writes a document's `qa_pairs`, `failures` and `pair_scores` (or another kind's `tables`) from
         the results of its requests (the generator's or a journal's: `best_results` picks one per current
-        chunk or group) and returns them.
+        chunk or group) and returns what its checks read.
 
         The one way a document's answers reach its tables, for `qa_pairs` and `multihop_pairs` runs and
-        `import-batch` alike. The scores are computed from the frames in hand, not read back.
+        `import-batch` alike. `qa_pairs` are published `batch_chunks` chunks at a time, so memory does not
+        grow with the document: its results are read (a `DocumentResults` reads them from the journal),
+        written and scored batch by batch; only duplicate questions are looked for over the whole
+        document at once, in its questions. Other kinds are published from whole frames.
         """
         from qa_pipeline.core.quality import score_pairs, scores_are_current  # quality reads through Storage
 
+        if tables is QA_TABLES:
+            return self._publish_in_batches(document, results)
         chunks = self.read_partition(Table.CHUNKS, document)
         if chunks is None:
             chunks = pl.DataFrame(schema=CHUNK_SCHEMA)
@@ -637,6 +792,127 @@ class Storage:
             self.write_partition(Table.PAIR_SCORES, document, scores)
             written = True
         return PublishedDocument(document, chunks, pairs, failures, scores, answered=len(selected), changed=written)
+
+    def _publish_in_batches(self, document: str, results: Iterable[ChunkResult]) -> PublishedDocument:
+        """`publish_document` for `qa_pairs`, `batch_chunks` chunks at a time."""
+        from qa_pipeline.core.quality import scores_are_current  # quality reads through Storage
+
+        results = results if isinstance(results, Sequence) else list(results)
+        chunks = self.read_partition(Table.CHUNKS, document, columns=["chunk_id", "position"])
+        if chunks is None:
+            chunks = pl.DataFrame(schema={"chunk_id": CHUNK_SCHEMA["chunk_id"], "position": CHUNK_SCHEMA["position"]})
+        chunks = chunks.sort("position")
+        order, best = chunks["chunk_id"].to_list(), best_result_by_chunk(results)
+        pairs_out = _ParquetBatches(self.layout.partition_file(Table.QA_PAIRS, document), QA_PAIRS_SCHEMA)
+        failures_out = _ParquetBatches(self.layout.partition_file(Table.FAILURES, document), FAILURES_SCHEMA)
+        lean_pairs, failure_parts, pairs_per_batch = [], [], []
+        with pairs_out, failures_out:
+            # Batches of the document's chunks, as `_score_in_batches` reads them back.
+            for start in range(0, len(order), PUBLISH_BATCH_CHUNKS):
+                batch = order[start : start + PUBLISH_BATCH_CHUNKS]
+                pairs, failures = results_to_frames(results[best[chunk_id]] for chunk_id in batch if chunk_id in best)
+                pairs_out.write(pairs)
+                failures_out.write(failures)
+                lean_pairs.append(pairs.select(PUBLISHED_PAIR_COLUMNS))
+                failure_parts.append(failures)
+                pairs_per_batch.append(pairs.height)
+            pairs_out.close()
+            failures_out.close()
+        pairs = pl.concat(lean_pairs) if lean_pairs else pl.DataFrame(schema=QA_PAIRS_SCHEMA).select(PUBLISHED_PAIR_COLUMNS)
+        failures = pl.concat(failure_parts) if failure_parts else pl.DataFrame(schema=FAILURES_SCHEMA)
+        # An unchanged document (answers from the cache, as in a run spanning edited neighbours) keeps its
+        # files, and its scores unless the scorer changed. pair_scores last: a scores file older than its
+        # qa_pairs file means "score again" (refresh_pair_scores).
+        written = self._install_if_changed(Table.QA_PAIRS, document, pairs_out)
+        written = self._install_if_changed(Table.FAILURES, document, failures_out) or written
+        scores = None
+        if not written:
+            with contextlib.suppress(pl.exceptions.ColumnNotFoundError):  # written by an earlier scorer
+                scores = self.read_partition(Table.PAIR_SCORES, document, columns=PUBLISHED_SCORE_COLUMNS)
+        if not scores_are_current(scores, pairs):
+            scores = self._score_in_batches(document, pairs, pairs_per_batch)
+            written = True
+        answered = sum(chunk_id in best for chunk_id in order)
+        return PublishedDocument(document, chunks, pairs, failures, scores, answered=answered, changed=written)
+
+    def _score_in_batches(self, document: str, pairs: pl.DataFrame, pairs_per_batch: list[int]) -> pl.DataFrame:
+        """Scores the document's written `qa_pairs` against its chunks, batch by batch as they were published,
+        and writes its `pair_scores`; the columns its checks read."""
+        from qa_pipeline.core.quality import find_duplicate_questions, score_pairs
+
+        duplicates = find_duplicate_questions(pairs)  # over the whole document, as one frame would be
+        chunk_batches = self.partition_batches(Table.CHUNKS, document, PUBLISH_BATCH_CHUNKS, sort_by="position")
+        pairs_file = self.layout.partition_file(Table.QA_PAIRS, document)
+        pair_rows = _RowReader(pairs_file if pairs_file.exists() else self.read_partition(Table.QA_PAIRS, document))
+        lean = []
+        with _ParquetBatches(self.layout.partition_file(Table.PAIR_SCORES, document), PAIR_SCORES_SCHEMA) as out:
+            for count in pairs_per_batch:
+                chunks = next(chunk_batches)
+                if not count:
+                    continue
+                scores = score_pairs(pair_rows.take(count), chunks, duplicates=duplicates)
+                out.write(scores)
+                lean.append(scores.select(PUBLISHED_SCORE_COLUMNS))
+            out.close()
+        self._install(Table.PAIR_SCORES, out)
+        return pl.concat(lean) if lean else pl.DataFrame(schema=PAIR_SCORES_SCHEMA).select(PUBLISHED_SCORE_COLUMNS)
+
+    def partition_batches(
+        self, table: str, document: str, rows: int, sort_by: str | None = None
+    ) -> Iterator[pl.DataFrame]:
+        """A partition's rows `rows` at a time, in file order (which must be `sort_by`'s order, as for the
+        chunks tables this pipeline writes; a file in another order is read whole and sorted)."""
+        path = self.layout.partition_file(table, document)
+        if path.exists():
+            if sort_by is not None:
+                order = pl.read_parquet(path, columns=[sort_by])[sort_by]
+                if not order.is_sorted():
+                    yield from pl.read_parquet(path).sort(sort_by).iter_slices(rows)
+                    return
+            reader = _RowReader(path)
+            while (batch := reader.take(rows)).height:
+                yield batch
+            return
+        frame = self.read_partition(table, document)
+        if frame is not None:
+            yield from (frame.sort(sort_by) if sort_by else frame).iter_slices(rows)
+
+    def _install(self, table: str, written: _ParquetBatches) -> None:
+        files = self._files(table)
+        try:
+            with files.writing() if files else contextlib.nullcontext():
+                os.replace(written.tmp, written.path)
+        except OSError as error:
+            written.discard()
+            raise StorageFullError.writing(written.path, error) from error
+
+    def _install_if_changed(self, table: str, document: str, written: _ParquetBatches) -> bool:
+        """Puts a written file in place unless the partition already holds exactly its rows; whether it did."""
+        if self._holds_rows_of(table, document, written.tmp):
+            written.discard()
+            return False
+        self._install(table, written)
+        return True
+
+    def _holds_rows_of(self, table: str, document: str, new: Path) -> bool:
+        """Whether the partition's rows (its file, or its rows in a compacted segment) equal the file `new`'s,
+        compared a batch at a time."""
+        path = self.layout.partition_file(table, document)
+        if path.exists():
+            if pl.read_parquet_schema(path) != pl.read_parquet_schema(new):
+                return False
+            if pq.ParquetFile(path).metadata.num_rows != pq.ParquetFile(new).metadata.num_rows:
+                return False
+            old_rows, new_rows = _RowReader(path), _RowReader(new)
+            while (batch := new_rows.take(PUBLISH_BATCH_CHUNKS)).height:
+                if not old_rows.take(PUBLISH_BATCH_CHUNKS).equals(batch):
+                    return False
+            return True
+        current = self.read_partition(table, document)
+        if current is None:
+            return False
+        frame = pl.read_parquet(new)
+        return current.schema == frame.schema and current.equals(frame)
 
     def write_test_sample(self, sample: pl.DataFrame) -> Path:
         write_parquet_atomic(sample, self.layout.test_sample_file)
@@ -686,19 +962,20 @@ class Storage:
         self.write_partition(table, document, frame)
         return True
 
-    def read_partition(self, table: str, document: str) -> pl.DataFrame | None:
-        """A partition's rows: its own file, else (document tables) its rows in a compacted segment;
-        None when it has neither or was deleted."""
+    def read_partition(self, table: str, document: str, columns: Sequence[str] | None = None) -> pl.DataFrame | None:
+        """A partition's rows (only `columns`, if given): its own file, else (document tables) its rows in a
+        compacted segment; None when it has neither or was deleted."""
         path = self.layout.partition_file(table, document)
         try:
-            return pl.read_parquet(path)
+            return pl.read_parquet(path, columns=None if columns is None else list(columns))
         except FileNotFoundError:
             pass  # not written, or folded into a segment by a compaction since
         files = self._files(table)
         stem = safe_file_stem(document)
         if files is None or files.is_deleted(stem):
             return None
-        return files.compacted_rows(stem)
+        rows = files.compacted_rows(stem)
+        return rows if rows is None or columns is None else rows.select(columns)
 
     def written_times(self, table: str, documents: Iterable[str]) -> dict[str, int]:
         """document → when its rows in a document table were written (ns since the epoch), whether they are

@@ -22,7 +22,7 @@ from qa_pipeline.core.settings import LLMSettings, ModelConfig, RunSettings, Set
 from qa_pipeline.core.chunking import chunk_document, chunks_to_frame
 from qa_pipeline.core.concurrency import AdaptiveLimit, FixedLimit
 from qa_pipeline.core.documents import DocumentError, SourceFile, read_document
-from qa_pipeline.core.generation import ChunkTask, GenerationReport, GenerationSettings, Generator
+from qa_pipeline.core.generation import ChunkTasks, GenerationReport, GenerationSettings, Generator
 from qa_pipeline.core.offline import journal_results, run_offline, throughput_frame
 from qa_pipeline.core.plots import plot_generation_telemetry, telemetry_summary
 from qa_pipeline.core.prompts import DEFAULT_QUESTION_TYPES, PROMPT_VERSION
@@ -30,7 +30,7 @@ from qa_pipeline.core.layout import Table
 from qa_pipeline.core.quality import refresh_pair_scores
 from qa_pipeline.core.report import build_report
 from qa_pipeline.core.sampling import stratified_sample
-from qa_pipeline.core.storage import COMPACT_AFTER_DOCUMENTS, ChunkResult, Storage
+from qa_pipeline.core.storage import COMPACT_AFTER_DOCUMENTS, QA_PAIRS_SCHEMA, ChunkResult, Storage
 from qa_pipeline.defs.checks import (
     CHECK_SPECS,
     CHECK_SPECS_BY_MODEL,
@@ -615,19 +615,10 @@ def _run_metadata(context: dg.AssetExecutionContext, report: GenerationReport, l
     return metadata
 
 
-def _chunk_tasks(documents_in_run: list[str], storage: Storage) -> tuple[list[ChunkTask], list[str]]:
-    """The chunks to ask about, and the documents that have no chunks yet."""
-    tasks, missing = [], []
-    for document in documents_in_run:
-        chunk_frame = storage.read_partition(Table.CHUNKS, document)
-        if chunk_frame is None:
-            missing.append(document)
-            continue
-        tasks.extend(
-            ChunkTask(document, row["chunk_id"], row["content"], tuple(row["heading_path"]))
-            for row in chunk_frame.iter_rows(named=True)
-        )
-    return tasks, missing
+def _chunk_tasks(documents_in_run: list[str], storage: Storage) -> tuple[ChunkTasks, list[str]]:
+    """The chunks to ask about (read from their tables in batches), and the documents that have no chunks yet."""
+    tasks = ChunkTasks(storage, documents_in_run)
+    return tasks, tasks.missing
 
 
 def _publish_document(
@@ -639,7 +630,7 @@ def _publish_document(
     pairs, failures, failure_rate = published.pairs, published.failures, published.failure_rate
     metadata = {
         "dagster/partition_row_count": pairs.height,
-        "dagster/column_schema": column_schema(pairs),
+        "dagster/column_schema": column_schema(pl.DataFrame(schema=QA_PAIRS_SCHEMA)),  # `pairs` holds a few columns
         "chunks": published.answered,
         "chunks_failed": failures.height,
         "failure_rate": failure_rate,
