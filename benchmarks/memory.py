@@ -41,7 +41,7 @@ FAST_PROFILE = {
 }
 CONCURRENCY = 128
 TARGET_RATIO = 1.5
-# Log lines that start a step (stdout and stderr of `qa-pipeline run`, merged).
+# Log lines that start a step (stdout and stderr of `qa-pipeline run`, merged, unbuffered).
 PHASES = (
     ("chunks: starting a run", "chunks"),
     ("qa_pairs: starting a run", "qa_pairs"),
@@ -115,7 +115,7 @@ def measure(size_mb: float, base_url: str, log_dir: Path) -> Sampler:
         command = [sys.executable, "-m", "qa_pipeline.cli", "run", "--skip-benchmark", "--concurrency", str(CONCURRENCY)]
         with log_path.open("w") as log:
             process = subprocess.Popen(
-                command, cwd=root, env=clean_environment(QA_PIPELINE_LLM_BASE_URL=base_url, PYTHONPATH=str(REPO)),
+                command, cwd=root, env=clean_environment(QA_PIPELINE_LLM_BASE_URL=base_url, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )
             sampler = Sampler(process.pid)
