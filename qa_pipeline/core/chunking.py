@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -97,6 +98,13 @@ def chunks_to_frame(chunks: Iterable[Chunk]) -> pl.DataFrame:
     return pl.DataFrame(columns, schema=CHUNK_SCHEMA)
 
 
+def chunk_frames(chunks: Iterable[Chunk], rows: int = 2000) -> Iterator[pl.DataFrame]:
+    """Chunks as frames of at most `rows` rows (see `chunks_to_frame`), made as the chunks come."""
+    iterator = iter(chunks)
+    while batch := list(itertools.islice(iterator, rows)):
+        yield chunks_to_frame(batch)
+
+
 def content_hash(content: str) -> str:
     return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
 
@@ -115,7 +123,18 @@ def chunk_document(
     overlap_tokens: int = DEFAULT_OVERLAP_TOKENS,
     max_tokens: int | None = None,
 ) -> list[Chunk]:
-    """Chunks of `document` in reading order.
+    """Chunks of `document` in reading order (see `iter_chunks`)."""
+    return list(iter_chunks(document, target_tokens, overlap_tokens, max_tokens))
+
+
+def iter_chunks(
+    document: Document,
+    target_tokens: int = DEFAULT_TARGET_TOKENS,
+    overlap_tokens: int = DEFAULT_OVERLAP_TOKENS,
+    max_tokens: int | None = None,
+) -> Iterator[Chunk]:
+    """Chunks of `document` in reading order, made as they are asked for: a large document's chunks are
+    never all in memory at once (its text is).
 
     A chunk never spans two sections (its `heading_path` is exact, which the prompt
     and the report rely on), so a short section gives a short chunk. Pre-chunked
@@ -128,26 +147,25 @@ def chunk_document(
             f"target_tokens={target_tokens}, overlap_tokens={overlap_tokens}, max_tokens={max_tokens}"
         )
     if document.format is DocumentFormat.JSONL:
-        return [_record_chunk(document.key, position, record) for position, record in enumerate(document.records)]
+        for position, record in enumerate(document.records):
+            yield _record_chunk(document.key, position, record)
+        return
     parse = _PARSERS[document.format]
     packer = _Packer(target_tokens, max_tokens, overlap_tokens)
-    chunks: list[Chunk] = []
+    position = 0
     for heading_path, blocks in _sections(parse(document.text)):
         for content, n_tokens in packer.pack(blocks):
             digest = content_hash(content)
-            position = len(chunks)
-            chunks.append(
-                Chunk(
-                    document=document.key,
-                    chunk_id=chunk_id(document.key, position, digest),
-                    position=position,
-                    heading_path=list(heading_path),
-                    content=content,
-                    n_tokens=n_tokens,
-                    content_hash=digest,
-                )
+            yield Chunk(
+                document=document.key,
+                chunk_id=chunk_id(document.key, position, digest),
+                position=position,
+                heading_path=list(heading_path),
+                content=content,
+                n_tokens=n_tokens,
+                content_hash=digest,
             )
-    return chunks
+            position += 1
 
 
 def _record_chunk(document: str, position: int, record: PrechunkedRecord) -> Chunk:
@@ -187,15 +205,10 @@ def _heading_list(value: Any) -> list[str]:
     return [part.strip() for part in text.split(">") if part.strip()]
 
 
-def _sections(blocks: Iterable[Block]) -> Iterable[tuple[tuple[str, ...], list[Block]]]:
-    current: list[Block] = []
-    for block in blocks:
-        if current and block.heading_path != current[0].heading_path:
-            yield current[0].heading_path, current
-            current = []
-        current.append(block)
-    if current:
-        yield current[0].heading_path, current
+def _sections(blocks: Iterable[Block]) -> Iterator[tuple[tuple[str, ...], Iterator[Block]]]:
+    """Runs of blocks under the same heading path, each read as it is packed."""
+    for heading_path, section in itertools.groupby(blocks, key=lambda block: block.heading_path):
+        yield heading_path, section
 
 
 _PARSERS: dict[DocumentFormat, Callable[[str], Iterable[Block]]] = {
@@ -294,14 +307,18 @@ class _Packer:
         self._kinds: list[str] = []
         self._wrappers: dict[int, tuple[str, str, int]] = {}
 
-    def pack(self, blocks: list[Block]) -> list[tuple[str, int]]:
-        """(content, n_tokens) of each chunk of one section."""
-        self._kinds = [block.kind for block in blocks]
+    def pack(self, blocks: Iterable[Block]) -> Iterator[tuple[str, int]]:
+        """(content, n_tokens) of each chunk of one section, as its blocks are read."""
+        self._kinds = []
         self._wrappers = {}
-        pieces: list[_Piece] = []
-        for index, block in enumerate(blocks):
-            pieces.extend(self._pieces(index, block))
-        return [self._render(group) for group in self._group(pieces)]
+
+        def pieces() -> Iterator[_Piece]:
+            for index, block in enumerate(blocks):
+                self._kinds.append(block.kind)
+                yield from self._pieces(index, block)
+
+        for group in self._group(pieces()):
+            yield self._render(group)
 
     def _pieces(self, index: int, block: Block) -> list[_Piece]:
         if len(block.text) <= self.max * _CHARS_WORTH_COUNTING:
@@ -342,8 +359,8 @@ class _Packer:
         new_group = not current or current[-1].block != piece.block
         return piece.tokens + (self._wrappers[piece.block][2] if new_group and piece.block in self._wrappers else 0)
 
-    def _group(self, pieces: list[_Piece]) -> list[list[_Piece]]:
-        groups: list[list[_Piece]] = []
+    def _group(self, pieces: Iterable[_Piece]) -> Iterator[list[_Piece]]:
+        held: list[_Piece] | None = None  # the last finished group, held back: a small tail may join it
         current: list[_Piece] = []
         size = 0
         has_new_text = False
@@ -352,7 +369,9 @@ class _Packer:
             if has_new_text:
                 fits = size + cost <= self.target or (size < self.target // 2 and size + cost <= self.max)
                 if not fits:
-                    groups.append(current)
+                    if held is not None:
+                        yield held
+                    held = current
                     current = self._overlap_pieces(current, piece)
                     size = self._cost(current)
                     has_new_text = False
@@ -363,15 +382,17 @@ class _Packer:
             current.append(piece)
             size += cost
             has_new_text = True
-        if has_new_text:
-            groups.append(current)
+        if not has_new_text:  # no piece at all
+            return
         # A small tail joins the chunk before it when both fit in one chunk.
-        if len(groups) >= 2:
-            tail = [piece for piece in groups[-1] if not piece.overlap]
-            merged = groups[-2] + tail
+        if held is not None:
+            tail = [piece for piece in current if not piece.overlap]
+            merged = held + tail
             if self._cost(tail) < self.target // 4 and self._cost(merged) <= self.max:
-                groups[-2:] = [merged]
-        return groups
+                yield merged
+                return
+            yield held
+        yield current
 
     def _overlap_pieces(self, previous: list[_Piece], following: _Piece) -> list[_Piece]:
         """The end of the previous chunk (whole pieces, sentences or lines) that opens the next one.

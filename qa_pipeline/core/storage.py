@@ -835,6 +835,17 @@ class Storage:
         answered = sum(chunk_id in best for chunk_id in order)
         return PublishedDocument(document, chunks, pairs, failures, scores, answered=answered, changed=written)
 
+    def write_partition_batches(
+        self, table: str, document: str, frames: Iterable[pl.DataFrame], schema: dict[str, pl.DataType]
+    ) -> bool:
+        """Writes a document's table from frames that come one at a time (one row group each), unless the
+        file already holds exactly these rows; whether it wrote. Memory holds one frame, not the table."""
+        with _ParquetBatches(self.layout.partition_file(table, document), schema) as out:
+            for frame in frames:
+                out.write(frame)
+            out.close()
+        return self._install_if_changed(table, document, out)
+
     def _score_in_batches(self, document: str, pairs: pl.DataFrame, pairs_per_batch: list[int]) -> pl.DataFrame:
         """Scores the document's written `qa_pairs` against its chunks, batch by batch as they were published,
         and writes its `pair_scores`; the columns its checks read."""

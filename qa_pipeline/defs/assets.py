@@ -7,6 +7,7 @@ on its own; the others of the run are materialized.
 
 
 import asyncio
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -19,7 +20,7 @@ from qa_pipeline.core import benchmark as bench
 from qa_pipeline.core import settings as defaults
 from qa_pipeline.core.client import LLMClient
 from qa_pipeline.core.settings import LLMSettings, ModelConfig, RunSettings, SettingsError
-from qa_pipeline.core.chunking import chunk_document, chunks_to_frame
+from qa_pipeline.core.chunking import CHUNK_SCHEMA, chunk_frames, iter_chunks
 from qa_pipeline.core.concurrency import AdaptiveLimit, FixedLimit
 from qa_pipeline.core.documents import DocumentError, SourceFile, read_document
 from qa_pipeline.core.generation import ChunkTasks, GenerationReport, GenerationSettings, Generator
@@ -167,20 +168,30 @@ def _chunk_document(
 ) -> dict:
     """Chunks one file and writes its table; the partition's metadata."""
     parsed = read_document(source)
-    chunk_list = chunk_document(parsed, target_tokens=config.target_tokens, overlap_tokens=config.overlap_tokens)
-    if not chunk_list:
+    chunk_list = iter_chunks(parsed, target_tokens=config.target_tokens, overlap_tokens=config.overlap_tokens)
+    first = next(chunk_list, None)
+    if first is None:
         raise DocumentError(source.path, "no text to chunk (the document is empty after parsing)", "Add text to it or remove it.")
-    frame = chunks_to_frame(chunk_list)
-    # An unchanged document keeps its file (and everything read from it), as in a run spanning edited neighbours.
-    written = storage.storage.write_partition_if_changed(Table.CHUNKS, source.key, frame)
+    figures = {"rows": 0, "tokens_total": 0, "tokens_max": 0}  # the partition's, without keeping its chunks
+
+    def frames():
+        for frame in chunk_frames(itertools.chain([first], chunk_list)):
+            figures["rows"] += frame.height
+            figures["tokens_total"] += int(frame["n_tokens"].sum())
+            figures["tokens_max"] = max(figures["tokens_max"], int(frame["n_tokens"].max()))
+            yield frame
+
+    # Written as the chunks come; an unchanged document keeps its file (and everything read from it), as
+    # in a run spanning edited neighbours.
+    written = storage.storage.write_partition_batches(Table.CHUNKS, source.key, frames(), CHUNK_SCHEMA)
     path = storage.layout.partition_file(Table.CHUNKS, source.key)
     for warning in getattr(parsed, "warnings", []) or []:
         context.log.warning(f"{source.path}: {warning}")
     return {
-        "dagster/partition_row_count": frame.height,
-        "dagster/column_schema": column_schema(frame),
-        "tokens_total": int(frame["n_tokens"].sum()),
-        "tokens_max": int(frame["n_tokens"].max()),
+        "dagster/partition_row_count": figures["rows"],
+        "dagster/column_schema": column_schema(pl.DataFrame(schema=CHUNK_SCHEMA)),
+        "tokens_total": figures["tokens_total"],
+        "tokens_max": figures["tokens_max"],
         "path": dg.MetadataValue.path(str(path)),
         "content_hash": source.content_hash,
         "changed": written,
