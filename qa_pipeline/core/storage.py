@@ -753,8 +753,9 @@ COMPACT_AFTER_DOCUMENTS = 200
 class Storage:
     """Reads and writes every table and file of one data directory."""
 
-    def __init__(self, layout: DataLayout):
+    def __init__(self, layout: DataLayout, batch_chunks: int = PUBLISH_BATCH_CHUNKS):
         self.layout = layout
+        self.batch_chunks = batch_chunks  # chunks a document is published in at a time
         self._table_files: dict[str, TableFiles] = {}
 
     def publish_document(
@@ -808,8 +809,8 @@ class Storage:
         lean_pairs, failure_parts, pairs_per_batch = [], [], []
         with pairs_out, failures_out:
             # Batches of the document's chunks, as `_score_in_batches` reads them back.
-            for start in range(0, len(order), PUBLISH_BATCH_CHUNKS):
-                batch = order[start : start + PUBLISH_BATCH_CHUNKS]
+            for start in range(0, len(order), self.batch_chunks):
+                batch = order[start : start + self.batch_chunks]
                 pairs, failures = results_to_frames(results[best[chunk_id]] for chunk_id in batch if chunk_id in best)
                 pairs_out.write(pairs)
                 failures_out.write(failures)
@@ -852,7 +853,7 @@ class Storage:
         from qa_pipeline.core.quality import find_duplicate_questions, score_pairs
 
         duplicates = find_duplicate_questions(pairs)  # over the whole document, as one frame would be
-        chunk_batches = self.partition_batches(Table.CHUNKS, document, PUBLISH_BATCH_CHUNKS, sort_by="position")
+        chunk_batches = self.partition_batches(Table.CHUNKS, document, self.batch_chunks, sort_by="position")
         pairs_file = self.layout.partition_file(Table.QA_PAIRS, document)
         pair_rows = _RowReader(pairs_file if pairs_file.exists() else self.read_partition(Table.QA_PAIRS, document))
         lean = []
