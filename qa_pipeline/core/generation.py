@@ -291,7 +291,7 @@ class DocumentResults(Sequence[ChunkResult]):
         """Whether any result was journaled under another chunk id (moved, or repeating another chunk's text)."""
         return any(self.entries[key].chunk_id != chunk_id for chunk_id, key in self.keys)
 
-    def fill_the_journal(self) -> bool:
+    def are_the_whole_journal(self) -> bool:
         """Whether the journal is these results and nothing else, one line each: compaction has nothing to do."""
         return self.journal.lines == len(self.keys) and len({key for _, key in self.keys}) == len(self.keys)
 
@@ -534,7 +534,7 @@ class Generator:
         for document, journal in journals.items():
             results = current(document)
             # Compact: the journal keeps the document's current chunks only.
-            if results.renamed() or not results.fill_the_journal():
+            if results.renamed() or not results.are_the_whole_journal():
                 finished[document] = results.rewrite()
             report.results[document] = current(document)
         if sending:
