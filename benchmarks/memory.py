@@ -48,18 +48,21 @@ PHASES = (
     ("quality_report", "report"),
 )
 
-_WORDS = (
-    "the request queue holds every chunk of a document until the server answers it and the journal keeps "
-    "each answer on disk so a stopped run resumes where it was while memory stays within what is in flight "
-    "configuration parser scheduler partition storage compaction latency throughput endpoint timeout cache "
-    "token model prompt schema question answer evidence heading paragraph section table index value record "
-    "python module function argument option default environment variable network socket buffer stream file"
-).split()
+_SYLLABLES = "ka lo mi ne ru sa te vo pi da re fo gu ha ji ku le mo na po qui ri so tu va we xi yo za".split()
+
+
+def _vocabulary(size: int, rng: random.Random) -> list[str]:
+    """Made-up words of two to four syllables: a wide vocabulary, so the simulator's questions (a template
+    around a phrase of the passage) differ, as a real document's do; a few dozen words would make them
+    near-duplicates, and the duplicate search over a document (the same before and after) quadratic."""
+    words = {"".join(rng.choices(_SYLLABLES, k=rng.randint(2, 4))) for _ in range(size)}
+    return sorted(words)
 
 
 def write_document(path: Path, size_bytes: int, seed: int = 0) -> None:
     """Plain text of about `size_bytes`: paragraphs of three to eight sentences, each paragraph distinct."""
     rng = random.Random(seed)
+    words = _vocabulary(20_000, rng)
     written = 0
     with path.open("w", encoding="utf-8") as handle:
         number = 0
@@ -67,8 +70,8 @@ def write_document(path: Path, size_bytes: int, seed: int = 0) -> None:
             number += 1
             sentences = []
             for _ in range(rng.randint(3, 8)):
-                words = rng.choices(_WORDS, k=rng.randint(8, 20))
-                sentences.append(" ".join(words).capitalize() + ".")
+                sentence = rng.choices(words, k=rng.randint(8, 20))
+                sentences.append(" ".join(sentence).capitalize() + ".")
             paragraph = f"Paragraph {number}. " + " ".join(sentences) + "\n\n"
             handle.write(paragraph)
             written += len(paragraph)
@@ -156,6 +159,7 @@ def main() -> None:
         print(f"simulator {FAST_PROFILE}, concurrency {CONCURRENCY}", flush=True)
         for size in (small, large):
             peaks[size] = measure(size, simulator.openai_base_url, log_dir)
+            print(f"  {size:g} MB: peak RSS by step (MB) {_in_mb(peaks[size].peaks)}", flush=True)
     mb = 1024 * 1024
     for size, sampler in peaks.items():
         steps = ", ".join(
@@ -170,6 +174,10 @@ def main() -> None:
             f"M1 {phase} peak RSS {large:g} MB / {small:g} MB = {ratio:.2f} target<={TARGET_RATIO} {verdict} "
             f"({peaks[large].peaks[phase] / mb:,.0f} MB vs {peaks[small].peaks[phase] / mb:,.0f} MB)"
         )
+
+
+def _in_mb(figures: dict[str, int]) -> dict[str, int]:
+    return {phase: round(value / 1024 / 1024) for phase, value in figures.items()}
 
 
 if __name__ == "__main__":
