@@ -627,15 +627,15 @@ QA_TABLES = ResultTables(
 class PublishedDocument:
     """One document's tables as `Storage.publish_document` wrote them: its figures and checks read these.
 
-    The frames hold the columns the checks read (every `failures` column), not whole tables: a large
-    document's rows are on disk, written in batches.
+    For `qa_pairs` the frames hold the columns the checks read (every `failures` column), not whole
+    tables: a large document's rows are on disk, written in batches.
     """
 
     document: str
-    chunks: pl.DataFrame  # chunk_id, position
-    pairs: pl.DataFrame  # document, chunk_id, pair_index, type, question
+    chunks: pl.DataFrame  # qa_pairs: chunk_id, position
+    pairs: pl.DataFrame  # qa_pairs: PUBLISHED_PAIR_COLUMNS
     failures: pl.DataFrame
-    scores: pl.DataFrame  # PUBLISHED_SCORE_COLUMNS
+    scores: pl.DataFrame  # qa_pairs: PUBLISHED_SCORE_COLUMNS
     answered: int  # current chunks with a result (pairs or a failure)
     changed: bool = True  # False: every table already held exactly these rows (nothing was written)
 
