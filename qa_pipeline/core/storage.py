@@ -362,7 +362,7 @@ def write_source_stamps(stamps: dict[str, FileStamp], path: Path) -> None:
         pass  # a cache: the next discovery hashes the files again
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per chunk of a document: kept small
 class JournalEntry:
     """Where one request's result is in a journal, and what `publish_document` needs to know before reading it."""
 
