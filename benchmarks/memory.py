@@ -115,7 +115,8 @@ def measure(size_mb: float, base_url: str, log_dir: Path) -> Sampler:
         write_document(sources / "big.txt", int(size_mb * 1_000_000))
         log_path = log_dir / f"memory-{size_mb:g}mb.log"
         # This checkout's qa_pipeline, as `qa-pipeline` would run it.
-        command = [sys.executable, "-m", "qa_pipeline.cli", "run", "--skip-benchmark", "--concurrency", str(CONCURRENCY)]
+        command = [sys.executable, "-m", "qa_pipeline.cli", "run", "--skip-benchmark"]
+        command += ["--concurrency", str(CONCURRENCY)]
         env = clean_environment(QA_PIPELINE_LLM_BASE_URL=base_url, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
         with log_path.open("w", buffering=1) as log:
             process = subprocess.Popen(

@@ -61,7 +61,7 @@ def publish(root: Path, batch_chunks: int):
     storage = Storage(DataLayout(root), batch_chunks=batch_chunks)
     storage.write_partition(Table.CHUNKS, DOCUMENT, chunk_frame())
     published = storage.publish_document(DOCUMENT, results())
-    tables = {table: storage.read_partition(table, DOCUMENT) for table in (Table.QA_PAIRS, Table.FAILURES, Table.PAIR_SCORES)}
+    tables = {t: storage.read_partition(t, DOCUMENT) for t in (Table.QA_PAIRS, Table.FAILURES, Table.PAIR_SCORES)}
     return published, tables, storage
 
 

@@ -112,7 +112,7 @@ class ChunkTasks:
 
     def __init__(self, storage: Storage, documents: Sequence[str], batch_rows: int = PUBLISH_BATCH_CHUNKS):
         self.storage, self.batch_rows = storage, batch_rows
-        counts = {document: storage.read_partition(Table.CHUNKS, document, columns=["chunk_id"]) for document in documents}
+        counts = {d: storage.read_partition(Table.CHUNKS, d, columns=["chunk_id"]) for d in documents}
         self.documents = [document for document, ids in counts.items() if ids is not None]
         self.missing = [document for document, ids in counts.items() if ids is None]  # not chunked yet
         self._count = sum(ids.height for ids in counts.values() if ids is not None)

@@ -819,7 +819,8 @@ class Storage:
                 pairs_per_batch.append(pairs.height)
             pairs_out.close()
             failures_out.close()
-        pairs = pl.concat(lean_pairs) if lean_pairs else pl.DataFrame(schema=QA_PAIRS_SCHEMA).select(PUBLISHED_PAIR_COLUMNS)
+        no_pairs = pl.DataFrame(schema=QA_PAIRS_SCHEMA).select(PUBLISHED_PAIR_COLUMNS)
+        pairs = pl.concat(lean_pairs) if lean_pairs else no_pairs
         failures = pl.concat(failure_parts) if failure_parts else pl.DataFrame(schema=FAILURES_SCHEMA)
         # An unchanged document (answers from the cache, as in a run spanning edited neighbours) keeps its
         # files, and its scores unless the scorer changed. pair_scores last: a scores file older than its
