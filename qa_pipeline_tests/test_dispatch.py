@@ -58,7 +58,9 @@ def test_the_dispatch_loop_keeps_exactly_the_limit_in_flight_at_the_server_and_s
     assert max(steady) == 8
     # Between an answer and its successor's arrival the server holds 7 for a moment; never for long.
     assert sum(held == 8 for held in steady) / len(steady) >= 0.8, sorted(steady)[:20]
-    assert min(steady) >= 6
+    # A sample lower than that is a scheduling hiccup of the machine (one in a few hundred seen on
+    # 2 busy cores), not the loop waiting: a loop that waits for a batch is low for whole stretches.
+    assert sum(held < 7 for held in steady) / len(steady) <= 0.05, sorted(steady)[:20]
 
 
 def test_a_short_level_reports_its_sustained_rate_near_the_ceiling_and_its_whole_rate_below(simulator):
