@@ -221,39 +221,25 @@ async def sweep(
     """
     if not prompts:
         raise ValueError("the concurrency benchmark needs at least one chunk in the test sample")
-    interrupt = asyncio.Event()
+    results, interrupt = [], asyncio.Event()
     with stop_on_signals(interrupt, interrupt, log):
-        results = await _sweep_levels(client, prompts, levels, settings, max_seconds_per_level, log, interrupt)
+        for position, level in enumerate(sorted(set(levels)), start=1):
+            n = requests_for_level(level)
+            log(f"concurrency benchmark: level {level} ({position}/{len(set(levels))}), {n} requests")
+            result = await run_level(client, prompts, level, settings, n, max_seconds_per_level, interrupt=interrupt)
+            if interrupt.is_set():
+                break
+            sustained = result.sustained_output_tokens_per_s
+            log(
+                f"concurrency benchmark: level {level}: "
+                + ("no steady state (too few requests), " if sustained is None else f"{sustained:.1f} output tok/s sustained, ")
+                + f"{result.output_tokens_per_s:.1f} over the whole level, "
+                f"{result.requests_per_s:.2f} req/s, success {result.success_rate:.0%}, "
+                f"p50 {result.latency_percentile(50) or 0:.2f} s"
+            )
+            results.append(result)
     if interrupt.is_set():
         raise GenerationInterrupted("the concurrency benchmark was stopped; nothing of it is kept")
-    return results
-
-
-async def _sweep_levels(
-    client: LLMClient,
-    prompts: Sequence[list[dict]],
-    levels: Sequence[int],
-    settings: GenerationSettings,
-    max_seconds_per_level: float,
-    log: Callable[[str], None],
-    interrupt: asyncio.Event,
-) -> list[LevelResult]:
-    results = []
-    for position, level in enumerate(sorted(set(levels)), start=1):
-        if interrupt.is_set():
-            break
-        n = requests_for_level(level)
-        log(f"concurrency benchmark: level {level} ({position}/{len(set(levels))}), {n} requests")
-        result = await run_level(client, prompts, level, settings, n, max_seconds_per_level, interrupt=interrupt)
-        sustained = result.sustained_output_tokens_per_s
-        log(
-            f"concurrency benchmark: level {level}: "
-            + ("no steady state (too few requests), " if sustained is None else f"{sustained:.1f} output tok/s sustained, ")
-            + f"{result.output_tokens_per_s:.1f} over the whole level, "
-            f"{result.requests_per_s:.2f} req/s, success {result.success_rate:.0%}, "
-            f"p50 {result.latency_percentile(50) or 0:.2f} s"
-        )
-        results.append(result)
     return results
 
 

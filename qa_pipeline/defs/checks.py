@@ -48,11 +48,15 @@ CHECKS = {
     ),
 }
 
-def check_specs(asset: dg.AssetKey, partitions_def: dg.PartitionsDefinition) -> list[dg.AssetCheckSpec]:
-    """The checks of a QA pairs asset (`qa_pairs`, or `qa_pairs_by_model` per document and model)."""
+def check_specs(
+    asset: dg.AssetKey, partitions_def: dg.PartitionsDefinition, names: Iterable[str] | None = None
+) -> list[dg.AssetCheckSpec]:
+    """The checks of a QA pairs asset (`qa_pairs`, `qa_pairs_by_model` per document and model, or the
+    `names` that apply to `multihop_pairs`)."""
     return [
         dg.AssetCheckSpec(name, asset=asset, partitions_def=partitions_def, blocking=blocking, description=description)
         for name, (_, _, blocking, description) in CHECKS.items()
+        if names is None or name in names
     ]
 
 

@@ -18,7 +18,7 @@ from qa_pipeline.defs.assets import (
     column_schema,
     concurrency_benchmark,
 )
-from qa_pipeline.defs.checks import CHECKS, QualityChecksConfig, blocking_failures, check_evaluations
+from qa_pipeline.defs.checks import QualityChecksConfig, blocking_failures, check_evaluations, check_specs
 from qa_pipeline.defs.partitions import documents
 from qa_pipeline.defs.resources import LLMResource, StorageResource
 
@@ -59,12 +59,7 @@ class MultiHopConfig(dg.Config):
             ),
         )
     ],
-    check_specs=[
-        dg.AssetCheckSpec(
-            name, asset=MULTIHOP_PAIRS, partitions_def=documents, blocking=CHECKS[name][2], description=CHECKS[name][3]
-        )
-        for name in MULTIHOP_CHECKS
-    ],
+    check_specs=check_specs(MULTIHOP_PAIRS, documents, MULTIHOP_CHECKS),
     can_subset=True,
     pool="llm_server",
     backfill_policy=DEFAULT_BACKFILL_POLICY,
