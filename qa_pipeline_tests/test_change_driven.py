@@ -250,6 +250,47 @@ def test_a_sensor_run_spanning_unchanged_documents_records_only_the_changed_ones
     assert events_by_partition(again["b.md"], dg.DagsterEventType.ASSET_MATERIALIZATION) == {"b.md": 1}
 
 
+def test_a_spanned_document_is_not_the_runs_work_even_when_its_chunks_failed_before(project, simulator, monkeypatch):
+    """A run over a range to regenerate its first and last documents sends only their changed chunks: a
+    document between them is not read, retried or published (it fails on until it is re-run or edited),
+    as it would not be if each changed document had a run of its own."""
+    sim = simulator(max_num_seqs=32, step_base_ms=2, output_tokens_mean=120, output_tokens_max=600, fail_if_contains=["Stable"])
+    monkeypatch.setenv("QA_PIPELINE_LLM_BASE_URL", sim.base_url)
+    _, instance, layout = project
+    from qa_pipeline.definitions import defs as load_definitions
+
+    defs = load_definitions()
+    sources = layout.sources_dir
+    for name, text in (("a.md", ALPHA), ("b.md", STABLE), ("c.md", BETA)):
+        (sources / name).write_text(text)
+    first = tick(defs, instance, cursor=None)
+    (request,) = first.run_requests
+    job = defs.resolve_implicit_global_asset_job_def()
+    tags = {k: v for k, v in request.tags.items() if not k.startswith("dagster/") or k in (RANGE_START_TAG, RANGE_END_TAG)}
+    assert not job.execute_in_process(
+        run_config=request.run_config, asset_selection=request.asset_selection, instance=instance, tags=tags,
+        raise_on_error=False,
+    ).success, "b.md's chunks all fail"
+    b_journal = layout.journal_file("b.md").read_bytes()
+    sim.set_faults()  # the server would now answer b.md
+
+    (sources / "a.md").write_text(ALPHA_EDITED)
+    (sources / "c.md").write_text(BETA.replace("port 9000", "port 9100"))
+    changed = tick(defs, instance, first.cursor)
+    (request,) = changed.run_requests
+    assert request.run_config["ops"]["qa_pairs"]["config"]["span_only_documents"] == ["b.md"]
+    sent = sim.stats()["requests_total"]
+    result = execute(defs, instance, request)
+
+    assert sim.stats()["requests_total"] - sent == 2, "one changed chunk in a.md and one in c.md; none of b.md"
+    assert layout.journal_file("b.md").read_bytes() == b_journal
+    assert events_by_partition(result, dg.DagsterEventType.ASSET_MATERIALIZATION) == {"a.md": 1, "c.md": 1}
+    b_records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("qa_pairs"), asset_partitions=["b.md"]), limit=1
+    ).records
+    assert b_records == [], "b.md is still not materialized: it waits for its own re-run"
+
+
 def test_the_schedule_catches_changes_the_sensor_did_not_see_and_repeats_none_it_did(project, data_dir):
     defs, instance, layout = project
     schedule = defs.resolve_schedule_def("source_documents_schedule")

@@ -63,7 +63,8 @@ DEFAULT_BACKFILL_POLICY = backfill_policy(defaults.DEFAULT_DOCUMENTS_PER_RUN)
 
 SPAN_ONLY_DESCRIPTION = (
     "Documents in the run only because its range of partitions spans them (the sources sensor asks for the "
-    "changed ones): each is recorded again only if its outputs changed, else its last materialization stands."
+    "changed ones): one whose outputs are newer than its inputs is not chunked, sent or published again and "
+    "records nothing, so its last materialization stands; the others are redone from the cache."
 )
 
 
@@ -138,12 +139,16 @@ def chunks(context: dg.AssetExecutionContext, config: ChunkingConfig, storage: S
     outcomes: dict[str, dict] = {}
     failed: dict[str, str] = {}
     span_only = set(config.span_only_documents)
+    # When the spanned documents' chunks were written (one look at the table, not one per document).
+    chunks_written = storage.storage.written_times(Table.CHUNKS, span_only & set(context.partition_keys))
     for document in context.partition_keys:
         # The partition's own file, looked up by its key: the cost of a document does not grow with the folder.
         source = storage.layout.source_file(document)
         if source is None:
             failed[document] = f"document {document!r} is not in {storage.layout.sources_dir}; it was moved or deleted"
             continue
+        if chunks_written.get(document, -1) >= source.path.stat().st_mtime_ns:
+            continue  # spanned, not asked for, its chunks newer than its file: nothing to do or record
         try:
             outcomes[document] = _chunk_document(context, source, config, storage)
         except DocumentError as error:
@@ -161,6 +166,14 @@ def chunks(context: dg.AssetExecutionContext, config: ChunkingConfig, storage: S
         "tokens_total": sum(m["tokens_total"] for m in outcomes.values()),
     }
     return _partitions_result(context, outcomes, failed, totals)
+
+
+def _published_after_chunking(storage: Storage, documents: set[str]) -> set[str]:
+    """The documents whose qa_pairs or failures table was written after their chunks table: published from
+    these chunks (a publication that changed neither keeps both files, so the newer of the two counts)."""
+    chunked = storage.written_times(Table.CHUNKS, documents)
+    pairs, failures = storage.written_times(Table.QA_PAIRS, documents), storage.written_times(Table.FAILURES, documents)
+    return {d for d in chunked if max(pairs.get(d, -1), failures.get(d, -1)) >= chunked[d]}
 
 
 def _chunk_document(
@@ -220,7 +233,7 @@ def _partitions_result(
     keys = context.partition_keys
     if not failed and not left_as_they_were:
         if len(keys) == 1:
-            return dg.MaterializeResult(metadata={**outcomes[keys[0]], **extra})
+            return dg.MaterializeResult(metadata={**outcomes.get(keys[0], {}), **extra})
         return dg.MaterializeResult(metadata={"documents": len(keys), **totals, **extra})
     for document, metadata in outcomes.items():
         if document not in left_as_they_were:
@@ -475,10 +488,13 @@ async def _generate(
 ) -> _Published:
     """Generates the QA pairs of `keys` (document → partition key) and publishes each document as it is done.
 
-    A document of `span_only` whose tables come out exactly as they were records nothing (no
-    materialization, no check evaluation): it is in the run only because the run's range spans it.
+    A document of `span_only` is in the run only because the run's range spans it. Already published from
+    its current chunks, it is not read, sent or published (a run over a range of 300 documents to
+    regenerate 50 costs the 50); otherwise it is redone from the cache and, if its tables come out exactly
+    as they were, records nothing (no materialization, no check evaluation).
     """
-    tasks, missing = _chunk_tasks(list(keys), storage)
+    spanned = _published_after_chunking(storage, set(span_only) & set(keys))
+    tasks, missing = _chunk_tasks([document for document in keys if document not in spanned], storage)
     limiter = _concurrency_limit(context, config, storage, client)
     generator = Generator(
         client,
@@ -509,10 +525,10 @@ async def _generate(
 
     report = await generator.run(tasks, on_document_done=publish) if tasks else GenerationReport(results={})
     for document in keys:
-        if document not in missing and document not in published:  # a chunks table without rows
+        if document not in missing and document not in published and document not in spanned:  # no rows
             record(document, _publish_document(document, [], storage, config.failure_threshold, thresholds))
 
-    left = frozenset(
+    left = frozenset(keys[document] for document in spanned) | frozenset(
         keys[document]
         for document, outcome in published.items()
         if document in span_only and not outcome.changed and outcome.failure is None

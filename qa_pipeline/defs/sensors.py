@@ -148,9 +148,9 @@ def regeneration_requests(
     follows), up to `settings.documents_per_run` documents a run.
 
     A run names a range of partitions, so it spans the unchanged documents between two changed
-    ones: the run's config lists them (`span_only_documents`), and each is recorded again only if its
-    outputs changed (else it costs a cache look-up, no request and no event), which costs far less
-    than a run per stretch of changed documents. A document that cannot be read gets a run of its own, so
+    ones: the run's config lists them (`span_only_documents`), and each whose outputs are newer than its
+    inputs is skipped (no chunking, journal read, request or event), which costs far less than a run
+    per stretch of changed documents. A document that cannot be read gets a run of its own, so
     that it fails alone instead of holding back the others' generation.
     """
     unreadable = set(unreadable_documents(layout, changes.to_generate))
