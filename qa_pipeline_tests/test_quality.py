@@ -252,3 +252,33 @@ def test_scores_are_one_row_per_pair_in_pair_order():
     rows = scores(*answers)
     assert [row["pair_index"] for row in rows] == list(range(25))
     assert list(itertools.islice((row["answer_words"] for row in rows), 2)) == [2, 2]
+
+
+def test_the_reports_throughput_counts_served_answers_from_first_request_to_last_answer(storage):
+    """A batch file's answers are all stamped when the file is imported: they have no rate of their own."""
+    from datetime import UTC, datetime, timedelta
+
+    from qa_pipeline.core.prompts import QAPair
+    from qa_pipeline.core.storage import ChunkResult, results_to_frames
+
+    start = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    write_document(storage, "a.md", {"a1": CHUNK, "a2": CHUNK + " More."}, {})
+
+    def answer(chunk_id: str, model: str, endpoint: str, answered_s: float, latency_s: float) -> ChunkResult:
+        return ChunkResult(
+            document="a.md", chunk_id=chunk_id, request_hash=f"{model}-{chunk_id}", ok=True, model=model,
+            pairs=[QAPair(question="Which server batches requests?", answer="vLLM.", type="factual")],
+            endpoint=endpoint, latency_s=latency_s, completion_tokens=100,
+            finished_at=start + timedelta(seconds=answered_s),
+        )
+
+    served = [answer("a1", "served-model", "http://127.0.0.1:8000/v1", 10, 2), answer("a2", "served-model", "http://127.0.0.1:8000/v1", 12, 3)]
+    batch = [answer(c, "batch-model", "batch:requests-1.jsonl", 500, 0) for c in ("a1", "a2")]
+    pairs, _ = results_to_frames(served + batch)
+    storage.write_partition("qa_pairs", "a.md", pairs)
+
+    rows = build_report(storage).throughput.to_dicts()
+
+    assert [row["model"] for row in rows] == ["served-model"]
+    assert rows[0]["span_s"] == pytest.approx(4.0), "from the first request (sent at 8 s) to the last answer (12 s)"
+    assert rows[0]["output_tokens_per_s"] == pytest.approx(50.0)

@@ -142,13 +142,17 @@ SELECT type, count(*) AS pairs, round(avg(length(answer)), 1) AS answer_chars_me
 FROM qa_pairs GROUP BY type ORDER BY type
 """
 
+# Served answers only, from the first request sent to the last answer: a batch file's lines (endpoint
+# "batch:...") have no time of their own, they are all stamped when the file is imported.
 THROUGHPUT_SQL = """
-SELECT model, count(DISTINCT chunk_id) AS chunks,
-       sum(completion_tokens) FILTER (WHERE pair_index = 0) AS completion_tokens,
-       epoch(max(generated_at) - min(generated_at)) AS span_s,
-       sum(completion_tokens) FILTER (WHERE pair_index = 0)
-         / nullif(epoch(max(generated_at) - min(generated_at)), 0) AS output_tokens_per_s
-FROM qa_pairs GROUP BY model ORDER BY model
+WITH served AS (
+  SELECT model, chunk_id, completion_tokens, epoch(generated_at) AS answered, epoch(generated_at) - latency_s AS sent
+  FROM qa_pairs WHERE pair_index = 0 AND NOT starts_with(coalesce(endpoint, ''), 'batch:')
+)
+SELECT model, count(DISTINCT chunk_id) AS chunks, sum(completion_tokens) AS completion_tokens,
+       max(answered) - min(sent) AS span_s,
+       sum(completion_tokens) / nullif(max(answered) - min(sent), 0) AS output_tokens_per_s
+FROM served GROUP BY model ORDER BY model
 """
 
 
@@ -224,7 +228,10 @@ class QualityReport:
             to_markdown_table(self.question_types),
             "",
             "## Throughput by model",
-            to_markdown_table(self.throughput),
+            "Served answers, from the first request to the last answer (idle time between runs included); "
+            "offline batches are in `benchmark_runs`.",
+            "",
+            to_markdown_table(self.throughput) if self.throughput.height else "No served answers.",
         ]
         return "\n".join(lines) + "\n"
 
