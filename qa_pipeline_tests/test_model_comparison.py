@@ -109,6 +109,25 @@ def test_two_models_on_the_same_chunks_keep_their_own_outputs_and_compare_in_the
         assert models_benchmarked == [{"model": name}]
 
 
+def test_models_run_at_a_set_concurrency_without_a_benchmark_compare_at_the_pace_of_their_own_requests(
+    simulator, data_dir
+):
+    sim = start_two_models(simulator)
+    write_documents(data_dir, 2)
+    write_models_file(data_dir, sim.openai_base_url)
+    env = cli_env(data_dir)
+    for name in ("fast", "slow"):
+        run_cli("run", "--model", name, "--concurrency", "4", env=env, check=False)
+    assert not list((data_dir / "outputs" / "models").glob("*/benchmark_runs/*.parquet")), "no benchmark ran"
+
+    rows = {row["model"]: row for row in sql("SELECT * FROM model_comparison", env)}
+
+    assert rows["fast"]["recommended_concurrency"] is None and rows["slow"]["recommended_concurrency"] is None
+    assert rows["fast"]["output_tokens_per_s"] > rows["slow"]["output_tokens_per_s"] > 0
+    assert rows["fast"]["chunks_per_s"] > rows["slow"]["chunks_per_s"] > 0
+    assert rows["fast"]["server_s_per_1000_accepted"] < rows["slow"]["server_s_per_1000_accepted"]
+
+
 def test_a_model_name_the_server_does_not_serve_fails_before_any_request_naming_the_endpoint_and_served_names(
     simulator, data_dir
 ):

@@ -103,6 +103,8 @@ def _figures(name: str, model: ModelTables, common: pl.DataFrame, thresholds: Qu
     output_tokens = int(answered["completion_tokens"].sum() or 0) + int(failures["completion_tokens"].fill_null(0).sum() or 0)
 
     level, tokens_per_s, chunks_per_s = _speed(model.benchmark_runs)
+    if tokens_per_s is None:  # run at a set concurrency, without a benchmark: its own answers' pace
+        tokens_per_s, chunks_per_s = _pace(answered, failures)
 
     judged = a_share = None
     if model.judgements is not None and model.judgements.height:
@@ -154,6 +156,22 @@ def _speed(benchmark_runs: pl.DataFrame) -> tuple[int | None, float | None, floa
         return None, tokens / seconds if seconds else None, runs["requests"].sum() / seconds if seconds else None
     tokens_per_s = row["sustained_output_tokens_per_s"] or row["output_tokens_per_s"]
     return row["concurrency"], tokens_per_s, row["sustained_requests_per_s"] or row["requests_per_s"]
+
+
+def _pace(answered: pl.DataFrame, failures: pl.DataFrame) -> tuple[float | None, float | None]:
+    """(output tok/s, chunks/s) of a model's served requests, from the first one sent to the last answer
+    (batch lines have no time of their own: left out)."""
+    columns = [pl.col("endpoint").fill_null(""), pl.col("completion_tokens").fill_null(0), "latency_s"]
+    served = pl.concat([
+        answered.select(*columns, pl.col("generated_at").alias("at")), failures.select(*columns, pl.col("failed_at").alias("at"))
+    ]).filter(~pl.col("endpoint").str.starts_with("batch:") & pl.col("latency_s").is_not_null())
+    if served.height == 0:
+        return None, None
+    answers = served["at"].dt.epoch("us") / 1e6
+    seconds = answers.max() - (answers - served["latency_s"]).min()
+    if not seconds or seconds <= 0:
+        return None, None
+    return float(served["completion_tokens"].sum()) / seconds, served.height / seconds
 
 
 def paired_view(tables: dict[str, ModelTables], document: str | None = None, chunk_id: str | None = None) -> pl.DataFrame:
