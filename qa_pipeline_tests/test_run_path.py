@@ -272,6 +272,9 @@ def test_a_document_over_its_threshold_fails_alone_in_a_run_over_many_documents_
     first = run_cli(*run, env=env, check=False)
     assert first.returncode == 1
     assert "3 documents done, 1 failed" in first.stdout
+    console = first.stdout + first.stderr
+    assert "STEP_FAILURE" in console and "1 of 4 documents failed (doc-2.md" in console
+    assert "Stack Trace" not in console, "a document over its threshold is not a crash: no stack trace"
     with instance_of(env) as instance:
         runs = instance.get_runs(dg.RunsFilter(tags={LAUNCHED_BY_TAG: "cli"}))
         (qa_run,) = qa_pairs_runs(runs)
