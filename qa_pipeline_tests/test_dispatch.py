@@ -90,6 +90,21 @@ def test_a_short_level_reports_its_sustained_rate_near_the_ceiling_and_its_whole
     assert row["sustained_s"] == pytest.approx(level.sustained_s)
 
 
+def test_a_level_whose_first_answers_outlast_its_time_budget_still_reaches_a_steady_state(simulator):
+    # Answers of 1-6 s at 4 slots against a 2 s budget: cut at 2 s, the level would measure its ramp-up only.
+    sim = simulator(max_num_seqs=8, step_base_ms=20, step_per_seq_ms=0, output_tokens_mean=150,
+                    output_tokens_min=50, output_tokens_max=300)
+
+    async def run() -> bench.LevelResult:
+        async with LLMClient(ClientConfig(base_urls=[f"{sim.base_url}/v1"])) as client:
+            await client.resolve_model()
+            return await bench.run_level(client, prompts(12), 4, GenerationSettings(max_tokens=1024), n_requests=12, max_seconds=2)
+
+    level = asyncio.run(run())
+    assert level.requests > 4, "it kept sending after its budget, until its steady state had begun"
+    assert level.sustained_s > 0.2 and level.sustained_output_tokens_per_s > 0
+
+
 def level(concurrency: int, whole: float, sustained: float | None) -> bench.LevelResult:
     return bench.LevelResult(
         concurrency=concurrency,

@@ -145,7 +145,11 @@ async def run_level(
 ) -> LevelResult:
     """Sends `n_requests` through the dispatch loop at a fixed limit of `level`, as generation does,
     sampling the server meanwhile; no request starts after `max_seconds`, those in flight finish.
-    Once `interrupt` is set, nothing starts and nothing in flight is waited for."""
+    Once `interrupt` is set, nothing starts and nothing in flight is waited for.
+
+    A level whose first `level` answers take longer than `max_seconds` (long answers on a slow
+    server) would end before its steady state begins and measure only its ramp-up: its sending then
+    goes on until half of `max_seconds` after its `level`-th answer, so that it has one."""
     result = LevelResult(concurrency=level)
     schema = settings.schema()
     spans: list[RequestSpan] = []
@@ -168,9 +172,22 @@ async def run_level(
         )
         return outcome, RequestSpan(sent_at, time.monotonic(), outcome.completion_tokens)
 
+    loop = asyncio.get_running_loop()
+    past_deadline = False
+    steady_window_s = max_seconds / 2
+
+    def at_deadline() -> None:
+        nonlocal past_deadline
+        past_deadline = True
+        if len(spans) >= level:  # the steady state began: end it no sooner than steady_window_s after its start
+            steady_since = sorted(span.answered_at for span in spans)[level - 1]
+            loop.call_later(max(0.0, steady_since + steady_window_s - time.monotonic()), stop.set)
+
     def answered(_: list[dict], sent: tuple[ChatOutcome, RequestSpan]) -> None:
         outcome, span = sent
         spans.append(span)
+        if past_deadline and len(spans) == level:  # the steady state begins only now
+            loop.call_later(steady_window_s, stop.set)
         result.requests += 1
         result.latencies.append(outcome.latency_s)
         result.output_tokens += outcome.completion_tokens
@@ -190,7 +207,7 @@ async def run_level(
             await asyncio.sleep(metrics_interval_s)
 
     sampling, relay = asyncio.create_task(sampler()), asyncio.create_task(relay_interrupt())
-    deadline = asyncio.get_running_loop().call_later(max_seconds, stop.set)
+    deadline = loop.call_later(max_seconds, at_deadline)
     try:
         dispatched = await dispatcher.run((prompts[i % len(prompts)] for i in range(n_requests)), send, answered)
     finally:
