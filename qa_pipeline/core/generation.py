@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import signal
 import threading
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from array import array
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import ClassVar
 
 from pydantic import BaseModel, field_validator
@@ -42,11 +44,18 @@ from qa_pipeline.core.storage import (
     Journal,
     PUBLISH_BATCH_CHUNKS,
     JournalEntry,
+    ResultsInChunkOrder,
     Storage,
     StorageFullError,
     format_bytes,
     journal_space_needed,
 )
+
+
+@functools.lru_cache(maxsize=64)
+def _described(question_types: tuple[str, ...], descriptions: tuple[tuple[str, str], ...]) -> Mapping[str, str]:
+    """`question_types_described`, worked out once per run's settings rather than once per prompt."""
+    return MappingProxyType(question_types_described(question_types, dict(descriptions)))
 
 
 class GenerationSettings(BaseModel):
@@ -73,9 +82,9 @@ class GenerationSettings(BaseModel):
     def _known_version(cls, value: str) -> str:
         return check_prompt_version(value, cls.prompt_versions)
 
-    def described_types(self) -> dict[str, str]:
+    def described_types(self) -> Mapping[str, str]:
         """type → description, in the order the pairs come (one schema slot each)."""
-        return question_types_described(self.question_types, self.question_type_descriptions)
+        return _described(tuple(self.question_types), tuple(self.question_type_descriptions.items()))
 
     def schema(self) -> dict:
         """The `response_format` of every request: one slot per question type."""
@@ -261,52 +270,136 @@ class GenerationReport:
         return self.output_tokens / self.duration_s if self.duration_s else 0.0
 
 
-class DocumentResults(Sequence[ChunkResult]):
+# What `DocumentChunks.flags` say of a chunk.
+_RENAMED = 1  # its result was journaled under another chunk id (moved, or repeating another chunk's text)
+_SEND = 2  # this run sends its request
+KEY_BYTES = 16  # a request hash: the first 16 bytes of a SHA-256, written as 32 hex digits
+
+
+class DocumentChunks:
+    """One document's chunks in a run, by position in chunk order: id, request hash, and where its result is
+    in the journal, in flat arrays (about 100 bytes a chunk, its id included) instead of a dict of objects."""
+
+    def __init__(self, document: str):
+        self.document = document
+        self.chunk_ids: list[str] = []
+        self.keys = bytearray()  # KEY_BYTES per chunk
+        self.offsets = array("q")  # byte offset of its result's line in the journal; -1 while it has none
+        self.flags = bytearray()  # _RENAMED | _SEND
+        self.repeats: dict[int, list[int]] = {}  # position sent → later positions asking the same request
+        self.distinct = True  # no two chunks ask the same request
+
+    def __len__(self) -> int:
+        return len(self.chunk_ids)
+
+    def add(self, chunk_id: str, key: bytes) -> None:
+        self.chunk_ids.append(chunk_id)
+        self.keys += key
+        self.offsets.append(-1)
+        self.flags.append(0)
+
+    def key(self, position: int) -> str:
+        """The request hash of the chunk at `position`, as the journal writes it."""
+        return self.keys[position * KEY_BYTES : (position + 1) * KEY_BYTES].hex()
+
+    def plan(self, journal: Journal, force: bool = False) -> tuple[int, int]:
+        """Marks the chunks to send: those without a successful result in `journal` (every chunk when
+        forced), a request repeated within the document once; (chunks to send, repeats). The journal's
+        index is only read here: where the results are is kept in `offsets`."""
+        # Indexed even when forced: the journal then knows its line count, which compaction relies on.
+        index = journal.index()
+        if force:
+            index.clear()
+        first: dict[bytes, int] = {}
+        sending = repeats = 0
+        for position in range(len(self)):
+            raw = bytes(self.keys[position * KEY_BYTES : (position + 1) * KEY_BYTES])
+            earlier = first.setdefault(raw, position)
+            if earlier != position:
+                self.distinct = False
+            entry = index.get(raw.hex()) if index else None
+            if entry is not None and entry.ok:
+                self._place(position, entry.offset, entry.chunk_id)
+            elif earlier != position:
+                repeats += 1  # the same text twice in a document: one request answers both chunks
+                self.repeats.setdefault(earlier, []).append(position)
+            else:
+                self.flags[position] |= _SEND
+                sending += 1
+        return sending, repeats
+
+    def settle(self, position: int, offset: int, chunk_id: str) -> None:
+        """The result of the request sent for `position` (journaled as `chunk_id`'s) is on the line at `offset`."""
+        self._place(position, offset, chunk_id)
+        for repeat in self.repeats.get(position, ()):
+            self._place(repeat, offset, chunk_id)
+
+    def reindex(self, index: dict[str, JournalEntry]) -> None:
+        """Finds every chunk's result again in a journal that was rewritten since (see `DocumentResults`)."""
+        for position in range(len(self)):
+            entry = index.get(self.key(position))
+            if entry is not None:
+                self._place(position, entry.offset, entry.chunk_id)
+
+    def _place(self, position: int, offset: int, chunk_id: str) -> None:
+        self.offsets[position] = offset
+        renamed = _RENAMED if chunk_id != self.chunk_ids[position] else 0
+        self.flags[position] = (self.flags[position] & _SEND) | renamed
+
+
+class DocumentResults(ResultsInChunkOrder):
     """One document's results in chunk order, read from its journal line by line as they are asked for:
     a document of any size is published without its results all in memory."""
 
-    def __init__(self, journal: Journal, keys: list[tuple[str, str]], entries: dict[str, JournalEntry]):
+    def __init__(self, journal: Journal, chunks: DocumentChunks):
         self.journal = journal
-        self.keys = keys  # (chunk_id, request hash) of each current chunk, in order
-        self.entries = entries  # request hash → where its result is in the journal
+        self.chunks = chunks  # ids, request hashes and journal offsets of the current chunks, in order
+        self.chunk_ids = chunks.chunk_ids
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.chunks)
 
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        chunk_id, key = self.keys[index]
-        result = self.journal.read_at(self.entries[key].offset)
+        chunks = self.chunks
+        position = range(len(chunks))[index]
+        key = chunks.key(position)
+        result = self._read(position)
         if result is None or result.request_hash != key:
             # The journal was compacted by a later run since these offsets were taken: find them again.
-            self.entries.clear()
-            self.entries.update(self.journal.index())
-            result = self.journal.read_at(self.entries[key].offset)
+            chunks.reindex(self.journal.index())
+            result = self._read(position)
+        chunk_id = chunks.chunk_ids[position]
         if result.chunk_id != chunk_id:  # moved, or the same text as another chunk
             result = result.model_copy(update={"chunk_id": chunk_id})
         return result
 
+    def _read(self, position: int) -> ChunkResult | None:
+        offset = self.chunks.offsets[position]
+        return self.journal.read_at(offset) if offset >= 0 else None
+
     def renamed(self) -> bool:
         """Whether any result was journaled under another chunk id (moved, or repeating another chunk's text)."""
-        return any(self.entries[key].chunk_id != chunk_id for chunk_id, key in self.keys)
+        return any(flag & _RENAMED for flag in self.chunks.flags)
 
     def are_the_whole_journal(self) -> bool:
         """Whether the journal is these results and nothing else, one line each: compaction has nothing to do."""
-        return self.journal.lines == len(self.keys) and len({key for _, key in self.keys}) == len(self.keys)
+        return self.journal.lines == len(self) and self.chunks.distinct
 
-    def rewrite(self) -> dict[str, JournalEntry]:
-        """Compacts the journal to these results; where each one now is."""
+    def rewrite(self) -> None:
+        """Compacts the journal to these results and notes where each one now is."""
         offsets = self.journal.rewrite(iter(self))
-        entries = {}
-        for (chunk_id, key), offset in zip(self.keys, offsets, strict=True):
-            entries[key] = JournalEntry(self.entries[key].ok, offset, chunk_id)
-        return entries
+        chunks = self.chunks
+        for position, offset in enumerate(offsets):
+            chunks.offsets[position] = offset
+            chunks.flags[position] &= ~_RENAMED
 
 
-def request_hasher(model: str, settings: GenerationSettings, schema: dict) -> Callable[[Sequence[dict]], str]:
-    """The cache key of a run's requests: any change of model, prompt, sampling parameters or schema
-    changes it. Everything but the messages is the same for the whole run, so it is hashed once."""
+def request_digester(model: str, settings: GenerationSettings, schema: dict) -> Callable[[Sequence[dict]], bytes]:
+    """The cache key of a run's requests, as KEY_BYTES bytes: any change of model, prompt, sampling
+    parameters or schema changes it. Everything but the messages is the same for the whole run, so it is
+    hashed once."""
     fixed = {
         "model": model,
         "max_tokens": settings.max_tokens,
@@ -317,12 +410,18 @@ def request_hasher(model: str, settings: GenerationSettings, schema: dict) -> Ca
     }
     prefix = hashlib.sha256(json.dumps(fixed, sort_keys=True).encode("utf-8"))
 
-    def key(messages: Sequence[dict]) -> str:
+    def key(messages: Sequence[dict]) -> bytes:
         digest = prefix.copy()
         digest.update(json.dumps(list(messages), sort_keys=True).encode("utf-8"))
-        return digest.hexdigest()[:32]
+        return digest.digest()[:KEY_BYTES]
 
     return key
+
+
+def request_hasher(model: str, settings: GenerationSettings, schema: dict) -> Callable[[Sequence[dict]], str]:
+    """The cache key of a run's requests as the journal writes it (32 hex digits; see `request_digester`)."""
+    digest = request_digester(model, settings, schema)
+    return lambda messages: digest(messages).hex()
 
 
 def request_hash(model: str, messages: Sequence[dict], settings: GenerationSettings, schema: dict) -> str:
@@ -447,41 +546,39 @@ class Generator:
         many documents writes each one's tables while the server works on the others.
         """
         model = self.client.model or await self.client.resolve_model()
-        key_of = request_hasher(model, self.settings, self.schema)
-        keys_by_document: dict[str, list[tuple[str, str]]] = {}
+        digest_of = request_digester(model, self.settings, self.schema)
+        by_document: dict[str, DocumentChunks] = {}
         for task in tasks:
-            key = key_of(self.settings.messages_for(task))
-            keys_by_document.setdefault(task.document, []).append((task.chunk_id, key))
-        documents = sorted(keys_by_document)
+            chunks = by_document.get(task.document)
+            if chunks is None:
+                chunks = by_document[task.document] = DocumentChunks(task.document)
+            chunks.add(task.chunk_id, digest_of(self.settings.messages_for(task)))
+        documents = sorted(by_document)
         journals = {d: Journal(self.layout.journal_file(d, self.settings.table)) for d in documents}
-        # Indexed even when forced: the journal then knows its line count, which compaction relies on.
-        finished = {d: j.index() for d, j in journals.items()}
-        if self.force:
-            finished = {d: {} for d in documents}
-
-        to_send: set[tuple[str, str]] = set()
-        total = repeats = 0
+        total = repeats = sending = 0
+        unfinished: dict[str, int] = {}
         for document in documents:
-            for _, key in keys_by_document[document]:
-                total += 1
-                done = finished[document].get(key)
-                if done is not None and done.ok:
-                    continue
-                if (document, key) in to_send:
-                    repeats += 1  # the same text twice in a document: one request answers both chunks
-                    continue
-                to_send.add((document, key))
-        unfinished = Counter(document for document, _ in to_send)
-        sending = len(to_send)
+            unfinished[document], repeated = by_document[document].plan(journals[document], self.force)
+            total += len(by_document[document])
+            repeats += repeated
+            sending += unfinished[document]
 
-        def todo() -> Iterator[tuple[ChunkTask, list[dict[str, str]], str]]:
-            """The chunks to send, in the order of `tasks`, each prompt built as it goes out."""
+        def todo() -> Iterator[tuple[ChunkTask, list[dict[str, str]], str, int]]:
+            """The chunks to send, in the order of `tasks`, each prompt built as it goes out (its request
+            hash is the one the first pass took, found by the chunk's position in its document)."""
+            positions = dict.fromkeys(documents, 0)
             for task in tasks:
-                messages = self.settings.messages_for(task)
-                key = key_of(messages)
-                if (task.document, key) in to_send:
-                    to_send.discard((task.document, key))
-                    yield task, messages, key
+                chunks = by_document.get(task.document)
+                position = positions.get(task.document, 0)
+                if chunks is None or position >= len(chunks) or chunks.chunk_ids[position] != task.chunk_id:
+                    raise RuntimeError(
+                        f"the chunks of {task.document!r} changed while this run read them (chunk {task.chunk_id} "
+                        "was not there, or not at this place, on the first pass); finished chunks are saved: "
+                        "re-run to generate the rest from the current chunks"
+                    )
+                positions[task.document] = position + 1
+                if chunks.flags[position] & _SEND:
+                    yield task, self.settings.messages_for(task), chunks.key(position), position
 
         table = self.settings.table
         label = f"{table} {documents[0]}" if len(documents) == 1 else f"{table} ({len(documents)} documents)"
@@ -498,7 +595,7 @@ class Generator:
 
         def current(document: str) -> DocumentResults:
             """The document's results in chunk order, read from its journal when asked for."""
-            return DocumentResults(journals[document], keys_by_document[document], finished[document])
+            return DocumentResults(journals[document], by_document[document])
 
         hooks: list[asyncio.Task] = []
 
@@ -524,7 +621,7 @@ class Generator:
                 stack.enter_context(self.client.log_to(self.log))
                 for journal in journals.values():
                     stack.enter_context(journal)
-                await self._dispatch(todo(), model, journals, finished, progress, report, stop, abandon, chunk_done)
+                await self._dispatch(todo(), model, journals, by_document, progress, report, stop, abandon, chunk_done)
             report.duration_s = time.monotonic() - started
             report.output_tokens = progress.output_tokens
             await asyncio.gather(*hooks)
@@ -535,13 +632,13 @@ class Generator:
             results = current(document)
             # Compact: the journal keeps the document's current chunks only.
             if results.renamed() or not results.are_the_whole_journal():
-                finished[document] = results.rewrite()
+                results.rewrite()
             report.results[document] = current(document)
         if sending:
             progress.finish()
         return report
 
-    async def _dispatch(self, todo, model, journals, finished, progress, report, stop, abandon, chunk_done) -> None:
+    async def _dispatch(self, todo, model, journals, by_document, progress, report, stop, abandon, chunk_done) -> None:
         """Sends every chunk through the dispatch loop, journaling each result as it comes."""
         endpoints = ", ".join(e.base_url for e in self.client.endpoints)
         dispatcher = Dispatcher(
@@ -561,22 +658,22 @@ class Generator:
         lost: list[ChunkResult] = []
 
         async def ask(item) -> tuple[ChunkResult, int]:
-            task, messages, key = item
+            task, messages, key, position = item
             report.sent += 1
             try:
                 return await self._ask(task, messages, key, model)
             except _LostToOutage as outage:
                 # Saved as failed (the next run sends it again); the outage is said once, by the run's error.
                 offset = journals[task.document].append(outage.result)
-                finished[task.document][key] = JournalEntry(False, offset, task.chunk_id)
+                by_document[task.document].settle(position, offset, task.chunk_id)
                 progress.advance(failed=True, output_tokens=outage.output_tokens)
                 lost.append(outage.result)
                 raise outage.error from None
 
         def answered(item, answer: tuple[ChunkResult, int]) -> None:
-            (task, _, key), (result, output_tokens) = item, answer
+            (task, _, _, position), (result, output_tokens) = item, answer
             offset = journals[task.document].append(result)
-            finished[task.document][key] = JournalEntry(result.ok, offset, result.chunk_id)
+            by_document[task.document].settle(position, offset, result.chunk_id)
             chunk_done(task.document)
             progress.advance(failed=not result.ok, output_tokens=output_tokens)
             if not result.ok:

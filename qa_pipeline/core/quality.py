@@ -4,6 +4,7 @@ and the per-partition verdicts that the asset checks and the export apply."""
 from __future__ import annotations
 
 import math
+from array import array
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -201,31 +202,53 @@ class Duplicate:
     similarity: float
 
 
-def find_duplicates(questions: Sequence[str], threshold: float = NEAR_DUPLICATE_JACCARD) -> list[Duplicate]:
+# Questions the duplicate search tokenises at a time: its token tables stay this size, whatever the document's.
+NORMALIZE_BATCH = 20_000
+
+
+def find_duplicates(questions: Sequence[str] | pl.Series, threshold: float = NEAR_DUPLICATE_JACCARD) -> list[Duplicate]:
     """Every question that repeats an earlier one: the same normalised text or the same words (the first
     such question is named), or a word-set Jaccard similarity >= threshold (the most similar earlier
     question is named, the earliest of equally similar ones).
 
-    Exact and fast for large datasets: see `_near_duplicates`.
+    Exact and fast for large datasets: see `_near_duplicates`. Memory: the questions' words are held as
+    numbered terms in flat arrays (a few bytes a word), not as Python sets of strings.
     """
-    normalized = normalized_questions(pl.Series(questions, dtype=pl.String()))
-    texts = normalized["normalized"].to_list()
-    terms = [frozenset(words) for words in normalized["terms"].to_list()]
-    # The same text, or the same words in another order or form: a duplicate of the first one.
-    first_by_text: dict[str, int] = {}
-    first_by_terms: dict[frozenset[str], int] = {}
-    found: list[Duplicate] = []
-    distinct: list[int] = []
-    for i, (text, words) in enumerate(zip(texts, terms, strict=True)):
-        first = first_by_text.setdefault(text, i)
-        if first == i and words:
-            first = first_by_terms.setdefault(words, i)
-        if first != i:
-            found.append(Duplicate(i, first, 1.0))
-        elif words:
-            distinct.append(i)
-    found += _near_duplicates(distinct, terms, threshold)
+    series = questions if isinstance(questions, pl.Series) else pl.Series(questions, dtype=pl.String())
+    found, sets = _same_words(series)
+    found += [Duplicate(later, earlier, similarity) for later, earlier, similarity in _near_duplicates(sets, threshold)]
     return sorted(found, key=lambda duplicate: duplicate.index)
+
+
+def _same_words(questions: pl.Series) -> tuple[list[Duplicate], _TermSets]:
+    """The questions with the same normalised text or the same words as an earlier one (a duplicate of the
+    first such question), and the word sets of the others that have words (for `_near_duplicates`)."""
+    normalized = pl.concat(
+        [
+            normalized_questions(questions.slice(start, NORMALIZE_BATCH))
+            for start in range(0, len(questions), NORMALIZE_BATCH)
+        ]
+        or [normalized_questions(questions)]
+    )
+    # (The first question with some words always has a text of its own: an earlier one with its text
+    # would have its words.)
+    first = normalized.with_columns(row=pl.int_range(pl.len(), dtype=pl.Int64)).select(
+        "row",
+        has_terms=pl.col("terms").list.len() > 0,
+        first_text=pl.col("row").min().over("normalized"),
+        first_terms=pl.col("row").min().over(pl.col("terms").list.sort().list.join("\x00")),
+    )
+    of = (
+        pl.when(pl.col("first_text") < pl.col("row"))
+        .then("first_text")
+        .when(pl.col("has_terms") & (pl.col("first_terms") < pl.col("row")))
+        .then("first_terms")
+    )
+    found = [Duplicate(i, earlier, 1.0) for i, earlier in first.select("row", of=of).drop_nulls("of").iter_rows()]
+    distinct = first.filter(
+        pl.col("has_terms") & (pl.col("first_text") == pl.col("row")) & (pl.col("first_terms") == pl.col("row"))
+    )["row"]
+    return found, _TermSets.of(distinct, normalized["terms"].gather(distinct))
 
 
 def _at_least(value: float) -> int:
@@ -233,9 +256,51 @@ def _at_least(value: float) -> int:
     return math.ceil(value - 1e-9)
 
 
-def _near_duplicates(rows: list[int], terms: list[frozenset[str]], threshold: float) -> list[Duplicate]:
-    """For each of `rows` (distinct word sets) that has one, the most similar earlier row at Jaccard >=
-    threshold, the earliest of equally similar ones.
+@dataclass
+class _TermSets:
+    """Word sets of some questions, compactly: each word numbered by how rare it is among the sets (rarest
+    first, then alphabetically), each set its numbers in that order, all sets in one flat array."""
+
+    rows: array  # the question each set belongs to, ascending
+    starts: array  # set k is terms[starts[k]:starts[k + 1]]
+    terms: array
+
+    @classmethod
+    def of(cls, rows: pl.Series, sets: pl.Series) -> _TermSets:
+        """`sets` (lists of distinct words) of the questions `rows`."""
+        words = pl.DataFrame({"k": pl.int_range(len(sets), eager=True, dtype=pl.Int64), "word": sets}).explode("word")
+        words = words.drop_nulls("word")
+        frequency = words.group_by("word").len()
+        number = frequency.sort("len", "word").select("word", term=pl.int_range(pl.len(), dtype=pl.Int32))
+        numbered = words.join(number, on="word").sort("k", "term")["term"]
+        starts = pl.concat([pl.Series([0], dtype=pl.Int64), sets.list.len().cast(pl.Int64).cum_sum()])
+        return cls(_array("q", rows), _array("q", starts), _array("i", numbered))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def size(self, k: int) -> int:
+        return self.starts[k + 1] - self.starts[k]
+
+    def words(self, k: int) -> array:
+        return self.terms[self.starts[k] : self.starts[k + 1]]
+
+
+def _array(typecode: str, values: pl.Series, batch: int = 100_000) -> array:
+    """A polars column as a Python array, converted a batch at a time (no list of the whole column)."""
+    out = array(typecode)
+    for start in range(0, len(values), batch):
+        out.extend(values.slice(start, batch).to_list())
+    return out
+
+
+_POSITION_BITS = 32
+_POSITION_MASK = (1 << _POSITION_BITS) - 1
+
+
+def _near_duplicates(sets: _TermSets, threshold: float) -> list[tuple[int, int, float]]:
+    """For each set (distinct word sets) the most similar earlier one at Jaccard >= threshold, the earliest of
+    equally similar ones: (later row, earlier row, similarity).
 
     An exact similarity join (All-Pairs with PPJoin's positional filter, Xiao et al. 2008): every
     word set is sorted rarest word first; the sets are visited from the smallest up, and each is
@@ -245,66 +310,72 @@ def _near_duplicates(rows: list[int], terms: list[frozenset[str]], threshold: fl
     similar pair is found once, whatever the input order; and a word common to many questions (a
     section name, "configure") is in few sets' first words, so it does not make the search quadratic.
     """
-    frequency = Counter(term for i in rows for term in terms[i])
-    ordered = {i: sorted(terms[i], key=lambda term: (frequency[term], term)) for i in rows}
-    # word -> (row, position of the word in that row's order), in the order the rows were visited.
-    postings: dict[str, list[tuple[int, int]]] = defaultdict(list)
-    first_large_enough: dict[str, int] = defaultdict(int)  # postings before it are too small for every later set
-    best: dict[int, tuple[float, int]] = {}  # later row -> (similarity, earlier row)
-    for i in sorted(rows, key=lambda row: (len(terms[row]), row)):
-        words, size = ordered[i], len(terms[i])
+    # word -> (set << _POSITION_BITS | position of the word in that set), in the order the sets were visited:
+    # one int an entry instead of a tuple.
+    postings: dict[int, list[int]] = defaultdict(list)
+    first_large_enough: dict[int, int] = defaultdict(int)  # postings before it are too small for every later set
+    best: dict[int, tuple[float, int]] = {}  # later set -> (similarity, earlier set)
+    for i in sorted(range(len(sets)), key=lambda k: (sets.size(k), k)):
+        words, size = sets.words(i), sets.size(i)
         smallest = _at_least(threshold * size)
-        shared_so_far: dict[int, int] = {}  # row -> words shared among the prefixes, or -1 once ruled out
+        shared_so_far: dict[int, int] = {}  # set -> words shared among the prefixes, or -1 once ruled out
         for position, term in enumerate(words[: size - smallest + 1]):
             entries = postings.get(term)
             if not entries:
                 continue
             start = first_large_enough[term]
-            while start < len(entries) and len(terms[entries[start][0]]) < smallest:
+            while start < len(entries) and sets.size(entries[start] >> _POSITION_BITS) < smallest:
                 start += 1
             first_large_enough[term] = start
             for k in range(start, len(entries)):
-                j, other_position = entries[k]
+                j, other_position = entries[k] >> _POSITION_BITS, entries[k] & _POSITION_MASK
                 shared = shared_so_far.get(j, 0)
                 if shared < 0:
                     continue
-                other_size = len(terms[j])
+                other_size = sets.size(j)
                 needed = _at_least(threshold / (1 + threshold) * (size + other_size))
                 room = min(size - position, other_size - other_position)
                 shared_so_far[j] = shared + 1 if shared + room >= needed else -1
+        if shared_so_far:
+            mine = set(words)
         for j, shared in shared_so_far.items():
             if shared < 0:
                 continue
-            common = len(terms[i] & terms[j])
-            similarity = common / (size + len(terms[j]) - common)
+            other = sets.words(j)
+            common = len(mine.intersection(other))
+            similarity = common / (size + len(other) - common)
             if similarity >= threshold:
                 later, earlier = max(i, j), min(i, j)
                 current = best.get(later)
                 if current is None or (similarity, -earlier) > (current[0], -current[1]):
                     best[later] = (similarity, earlier)
         for position, term in enumerate(words[: size - _at_least(2 * threshold / (1 + threshold) * size) + 1]):
-            postings[term].append((i, position))
-    return [Duplicate(later, earlier, similarity) for later, (similarity, earlier) in best.items()]
+            postings[term].append(i << _POSITION_BITS | position)
+    return [(sets.rows[later], sets.rows[earlier], similarity) for later, (similarity, earlier) in best.items()]
 
 
 def find_duplicate_questions(pairs: pl.DataFrame, threshold: float = NEAR_DUPLICATE_JACCARD) -> pl.DataFrame:
     """Duplicate questions among `qa_pairs` rows (earlier = earlier in the frame), with where the
     earlier one is: the same chunk, the same document, or elsewhere in the dataset."""
-    keys = pairs.select("document", "chunk_id", "pair_index").rows()
-    rows = []
-    for duplicate in find_duplicates(pairs["question"].to_list(), threshold):
-        document, chunk_id, pair_index = keys[duplicate.index]
-        other_document, other_chunk, other_index = keys[duplicate.of]
-        if (document, chunk_id) == (other_document, other_chunk):
-            scope = "chunk"
-        elif document == other_document:
-            scope = "document"
-        else:
-            scope = "dataset"
-        rows.append(
-            (document, chunk_id, pair_index, other_document, other_chunk, other_index, duplicate.similarity, scope)
-        )
-    return pl.DataFrame(rows, schema=QUESTION_DUPLICATES_SCHEMA, orient="row")
+    found = find_duplicates(pairs["question"], threshold)
+    keys = pairs.select("document", "chunk_id", "pair_index")
+    later = keys.gather(pl.Series([duplicate.index for duplicate in found], dtype=pl.Int64))
+    earlier = keys.gather(pl.Series([duplicate.of for duplicate in found], dtype=pl.Int64))
+    same_document = pl.col("document") == pl.col("duplicate_of_document")
+    scope = (
+        pl.when(same_document & (pl.col("chunk_id") == pl.col("duplicate_of_chunk_id")))
+        .then(pl.lit("chunk"))
+        .when(same_document)
+        .then(pl.lit("document"))
+        .otherwise(pl.lit("dataset"))
+    )
+    return (
+        pl.concat([later, earlier.rename(lambda name: f"duplicate_of_{name}")], how="horizontal")
+        .with_columns(similarity=pl.Series([duplicate.similarity for duplicate in found], dtype=pl.Float64))
+        .with_columns(scope=scope)
+        .select(list(QUESTION_DUPLICATES_SCHEMA))
+        .cast(QUESTION_DUPLICATES_SCHEMA)
+    )
 
 
 # ---------------------------------------------------------------------------------------------

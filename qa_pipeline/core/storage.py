@@ -654,6 +654,13 @@ PUBLISHED_SCORE_COLUMNS = (
 PUBLISH_BATCH_CHUNKS = 2000
 
 
+class ResultsInChunkOrder(Sequence[ChunkResult]):
+    """Results that are one per chunk already, the chosen one (the generator's `DocumentResults`): `chunk_ids`
+    names them in order without reading them, so publishing reads each result once instead of twice."""
+
+    chunk_ids: Sequence[str]
+
+
 def best_result_by_chunk(results: Iterable[ChunkResult]) -> dict[str, int]:
     """Per chunk id the index in `results` of its newest result with QA pairs, else of its newest failure."""
     best: dict[str, tuple[bool, datetime, int]] = {}
@@ -803,15 +810,21 @@ class Storage:
         if chunks is None:
             chunks = pl.DataFrame(schema={"chunk_id": CHUNK_SCHEMA["chunk_id"], "position": CHUNK_SCHEMA["position"]})
         chunks = chunks.sort("position")
-        order, best = chunks["chunk_id"].to_list(), best_result_by_chunk(results)
+        order = chunks["chunk_id"].to_list()
+        in_order = isinstance(results, ResultsInChunkOrder) and list(results.chunk_ids) == order
+        best = {} if in_order else best_result_by_chunk(results)
         pairs_out = _ParquetBatches(self.layout.partition_file(Table.QA_PAIRS, document), QA_PAIRS_SCHEMA)
         failures_out = _ParquetBatches(self.layout.partition_file(Table.FAILURES, document), FAILURES_SCHEMA)
         lean_pairs, failure_parts, pairs_per_batch = [], [], []
         with pairs_out, failures_out:
             # Batches of the document's chunks, as `_score_in_batches` reads them back.
             for start in range(0, len(order), self.batch_chunks):
-                batch = order[start : start + self.batch_chunks]
-                pairs, failures = results_to_frames(results[best[chunk_id]] for chunk_id in batch if chunk_id in best)
+                if in_order:
+                    selected = (results[i] for i in range(start, min(start + self.batch_chunks, len(order))))
+                else:
+                    batch = order[start : start + self.batch_chunks]
+                    selected = (results[best[chunk_id]] for chunk_id in batch if chunk_id in best)
+                pairs, failures = results_to_frames(selected)
                 pairs_out.write(pairs)
                 failures_out.write(failures)
                 lean_pairs.append(pairs.select(PUBLISHED_PAIR_COLUMNS))
@@ -834,7 +847,7 @@ class Storage:
         if not scores_are_current(scores, pairs):
             scores = self._score_in_batches(document, pairs, pairs_per_batch)
             written = True
-        answered = sum(chunk_id in best for chunk_id in order)
+        answered = len(order) if in_order else sum(chunk_id in best for chunk_id in order)
         return PublishedDocument(document, chunks, pairs, failures, scores, answered=answered, changed=written)
 
     def write_partition_batches(
