@@ -216,7 +216,7 @@ def _run_pipeline(
     )
     generator = LLMResource.from_settings(llm_settings, data_dir=str(layout.root))
     launcher.resources["llm"] = {"config": generator.model_dump(exclude_none=True)}
-    launcher.ops = _ops_config(options, llm_settings)
+    launcher.ops = _ops_config(options, llm_settings.embedded)
 
     embedded_was_running = llm_settings.embedded and _embedded_running(layout)
     if not llm_settings.embedded:
@@ -271,7 +271,7 @@ def _run_named_model(
     )
     models = ModelsResource(**LLMResource.from_settings(llm_settings, data_dir=str(layout.root)).model_dump(exclude_none=True))
     launcher.resources["models"] = {"config": models.model_dump(exclude_none=True)}
-    launcher.ops = _ops_config(options, llm_settings)
+    launcher.ops = _ops_config(options, _served_by_embedded(model, llm_settings, layout))
     # An offline model has no server to ask: its batch command runs inside `qa_pairs_by_model`, and
     # the throughput it measures there stands for its benchmark.
     offline = model.engine == "offline"
@@ -431,17 +431,28 @@ def _embedded_running(layout: DataLayout) -> bool:
     return recorded_server(layout) is not None
 
 
-def _ops_config(options: PipelineOptions, llm: LLMSettings) -> dict:
+def _served_by_embedded(model: ModelConfig, llm: LLMSettings, layout: DataLayout) -> bool:
+    """Whether a named model's requests go to the embedded server (its benchmark then sweeps the embedded
+    levels): its base URL is the one the embedded server recorded, or it has none and the default is embedded."""
+    from qa_pipeline.core.embedded import recorded_state
+
+    if model.base_url is None:
+        return llm.embedded
+    state = recorded_state(layout)
+    return state is not None and state.base_url.rstrip("/") in {url.strip().rstrip("/") for url in model.base_url.split(",")}
+
+
+def _ops_config(options: PipelineOptions, embedded: bool) -> dict:
     generation: dict = {"max_tokens": options.max_tokens}
     if options.question_types:
         generation["question_types"] = options.question_types
     if options.question_type_descriptions:
         generation["question_type_descriptions"] = options.question_type_descriptions
     benchmark = dict(generation)
-    levels = options.levels or (EMBEDDED_LEVELS if llm.embedded else None)
+    levels = options.levels or (EMBEDDED_LEVELS if embedded else None)
     if levels:
         benchmark["levels"] = levels
-    seconds = options.max_seconds_per_level or (EMBEDDED_SECONDS_PER_LEVEL if llm.embedded else None)
+    seconds = options.max_seconds_per_level or (EMBEDDED_SECONDS_PER_LEVEL if embedded else None)
     if seconds:
         benchmark["max_seconds_per_level"] = seconds
     qa = dict(generation, force_regenerate=options.force_regenerate, failure_threshold=options.failure_threshold)

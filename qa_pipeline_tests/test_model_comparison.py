@@ -128,6 +128,23 @@ def test_models_run_at_a_set_concurrency_without_a_benchmark_compare_at_the_pace
     assert rows["fast"]["server_s_per_1000_accepted"] < rows["slow"]["server_s_per_1000_accepted"]
 
 
+def test_a_named_model_on_its_own_server_is_benchmarked_at_the_default_levels_when_the_default_is_embedded(
+    simulator, data_dir
+):
+    # No QA_PIPELINE_LLM_BASE_URL: the default generator would be the embedded CPU model, whose short sweep
+    # (levels 1, 4, 8) must not be applied to a model served elsewhere.
+    sim = start_two_models(simulator)
+    write_documents(data_dir, 2)
+    write_models_file(data_dir, sim.openai_base_url)
+    env = cli_env(data_dir)
+    run_cli("run", "--model", "fast", "--sample-size", "6", env=env)
+    layout = DataLayout(root=data_dir)
+    levels = sql(
+        f"SELECT DISTINCT concurrency FROM read_parquet('{layout.outputs_dir}/models/fast/benchmark_runs/*.parquet') ORDER BY 1", env
+    )
+    assert [row["concurrency"] for row in levels] == [1, 4, 8, 16, 32, 64]
+
+
 def test_a_model_name_the_server_does_not_serve_fails_before_any_request_naming_the_endpoint_and_served_names(
     simulator, data_dir
 ):
