@@ -77,7 +77,9 @@ def requested(run_requests, instance: dg.DagsterInstance | None = None) -> dict[
     return found
 
 
-def execute(defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
+def execute(
+    defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest, expect_success: bool = True
+) -> dg.ExecuteInProcessResult:
     job = defs.resolve_implicit_global_asset_job_def()
     result = job.execute_in_process(
         run_config=request.run_config,
@@ -85,8 +87,9 @@ def execute(defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunR
         partition_key=request.partition_key,
         instance=instance,
         tags={k: v for k, v in request.tags.items() if not k.startswith("dagster/") or k in (RANGE_START_TAG, RANGE_END_TAG)},
+        raise_on_error=expect_success,
     )
-    assert result.success
+    assert result.success == expect_success
     return result
 
 
@@ -265,12 +268,7 @@ def test_a_spanned_document_is_not_the_runs_work_even_when_its_chunks_failed_bef
         (sources / name).write_text(text)
     first = tick(defs, instance, cursor=None)
     (request,) = first.run_requests
-    job = defs.resolve_implicit_global_asset_job_def()
-    tags = {k: v for k, v in request.tags.items() if not k.startswith("dagster/") or k in (RANGE_START_TAG, RANGE_END_TAG)}
-    assert not job.execute_in_process(
-        run_config=request.run_config, asset_selection=request.asset_selection, instance=instance, tags=tags,
-        raise_on_error=False,
-    ).success, "b.md's chunks all fail"
+    execute(defs, instance, request, expect_success=False)  # b.md's chunks all fail
     b_journal = layout.journal_file("b.md").read_bytes()
     sim.set_faults()  # the server would now answer b.md
 
