@@ -289,6 +289,44 @@ def test_a_spanned_document_is_not_the_runs_work_even_when_its_chunks_failed_bef
     assert b_records == [], "b.md is still not materialized: it waits for its own re-run"
 
 
+def test_edits_far_apart_take_a_run_each_instead_of_one_run_spanning_every_document_between(project):
+    """A run's range spans the unchanged documents between two edited ones only while that is cheaper
+    than a run of its own: Dagster records a `chunks` materialization for each partition of a range,
+    so two edits thousands of documents apart must not make a run record thousands."""
+    from qa_pipeline.core.run_ranges import MAX_SPANNED_GAP
+
+    defs, instance, layout = project
+    keys = [f"page-{index:04d}.md" for index in range(MAX_SPANNED_GAP + 4)]
+    for key in keys:
+        (layout.sources_dir / key).write_text(f"# {key}\n\nThe page called {key}.\n")
+    first = tick(defs, instance, cursor=None)
+    assert partitions(instance) == set(keys)
+    order = instance.get_dynamic_partitions("documents")
+
+    def edit(*edited: str) -> list[dict]:
+        for key in edited:
+            (layout.sources_dir / key).write_text(f"# {key}\n\nThe page called {key}, edited.\n")
+        result = tick(defs, instance, first.cursor)
+        for key in edited:  # as they were, for the next case
+            (layout.sources_dir / key).write_text(f"# {key}\n\nThe page called {key}.\n")
+        return [
+            {
+                "keys": list(requested([request], instance)),
+                "spanned": request.run_config.get("ops", {}).get("chunks", {}).get("config", {}).get("span_only_documents", []),
+            }
+            for request in result.run_requests
+        ]
+
+    # MAX_SPANNED_GAP unchanged documents between two edits: one run spans them.
+    near = edit(order[0], order[MAX_SPANNED_GAP + 1])
+    assert [run["keys"] for run in near] == [order[: MAX_SPANNED_GAP + 2]]
+    assert near[0]["spanned"] == order[1 : MAX_SPANNED_GAP + 1]
+    # One more: two runs of one document each, spanning nothing.
+    far = edit(order[0], order[MAX_SPANNED_GAP + 2])
+    assert [run["keys"] for run in far] == [[order[0]], [order[MAX_SPANNED_GAP + 2]]]
+    assert [run["spanned"] for run in far] == [[], []]
+
+
 def test_the_schedule_catches_changes_the_sensor_did_not_see_and_repeats_none_it_did(project, data_dir):
     defs, instance, layout = project
     schedule = defs.resolve_schedule_def("source_documents_schedule")

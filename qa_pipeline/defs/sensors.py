@@ -15,7 +15,7 @@ import dagster as dg
 from qa_pipeline.core.chunking import document_problem
 from qa_pipeline.core.documents import SourceChanges, compare_sources
 from qa_pipeline.core.layout import DataLayout
-from qa_pipeline.core.run_ranges import partition_ranges
+from qa_pipeline.core.run_ranges import MAX_SPANNED_GAP, partition_ranges
 from qa_pipeline.core.settings import RunSettings
 from qa_pipeline.core.registry import plan_deletions, record_added, record_deleted
 from qa_pipeline.core.storage import Storage
@@ -149,15 +149,17 @@ def regeneration_requests(
 
     A run names a range of partitions, so it spans the unchanged documents between two changed
     ones: the run's config lists them (`span_only_documents`), and each whose outputs are newer than its
-    inputs is skipped (no chunking, journal read, request or event), which costs far less than a run
-    per stretch of changed documents. A document that cannot be read gets a run of its own, so
-    that it fails alone instead of holding back the others' generation.
+    inputs is skipped (no chunking, journal read or request; only the `chunks` materialization Dagster
+    records for every partition of the range), which costs far less than a run per stretch of changed
+    documents, up to `MAX_SPANNED_GAP` unchanged documents in a row; past that, the next changed
+    document starts another run. A document that cannot be read gets a run of its own, so that it
+    fails alone instead of holding back the others' generation.
     """
     unreadable = set(unreadable_documents(layout, changes.to_generate))
     order = [key for key in instance.get_dynamic_partitions(documents.name) if key not in changes.removed]
     order += [key for key in changes.added if key not in order]
     per_run = None if settings.documents_per_run == "all" else settings.documents_per_run
-    groups = partition_ranges([k for k in changes.to_generate if k not in unreadable], order, per_run, span_gaps=True)
+    groups = partition_ranges([k for k in changes.to_generate if k not in unreadable], order, per_run, max_gap=MAX_SPANNED_GAP)
     groups += [[key] for key in changes.to_generate if key in unreadable]
     requests = []
     for keys in groups:
