@@ -327,6 +327,16 @@ def test_edits_far_apart_take_a_run_each_instead_of_one_run_spanning_every_docum
     assert [run["spanned"] for run in far] == [[], []]
 
 
+def test_a_run_cut_by_the_documents_per_run_limit_starts_and_ends_with_a_changed_document():
+    from qa_pipeline.core.run_ranges import partition_ranges
+
+    order = [f"d{index}" for index in range(8)]
+    # d0 and d5 changed, the four between spanned; two documents a run: no run of spanned documents alone.
+    assert partition_ranges(["d0", "d5"], order, per_run=2, max_gap=4) == [["d0"], ["d5"]]
+    assert partition_ranges(["d0", "d1", "d3"], order, per_run=3, max_gap=4) == [["d0", "d1"], ["d3"]]
+    assert partition_ranges(["d0", "d5"], order, per_run=None, max_gap=4) == [order[:6]]
+
+
 def test_the_schedule_catches_changes_the_sensor_did_not_see_and_repeats_none_it_did(project, data_dir):
     defs, instance, layout = project
     schedule = defs.resolve_schedule_def("source_documents_schedule")
