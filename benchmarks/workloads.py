@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 
 from qa_pipeline.core.chunking import chunk_document
-from qa_pipeline.core.client import ClientConfig, LLMClient
+from qa_pipeline.core.client import ClientConfig, LLMClient, install_event_loop
 from qa_pipeline.core.concurrency import ConcurrencyLimit
 from qa_pipeline.core.documents import discover_documents, read_document
 from qa_pipeline.core.generation import ChunkTask, GenerationSettings, Generator, TelemetrySample
@@ -41,6 +41,8 @@ ZERO_LATENCY_PROFILE = {"zero_latency": True, "output_tokens_mean": 120.0, "outp
 SETTINGS = GenerationSettings(max_tokens=1024)
 
 logging.getLogger("aiohttp").setLevel(logging.ERROR)
+# The event loop of a Dagster run of the project (its definitions install it): what the workloads measure.
+install_event_loop()
 
 
 def corpus_passages() -> list[tuple[str, tuple[str, ...]]]:

@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+import uvloop
 from aiohttp import web
 
 from qa_pipeline.core.prompts import PASSAGE_OPEN, extract_passage, extract_passages
@@ -192,7 +194,7 @@ class Simulator:
         if (denied := self._unauthorized(request)) is not None:
             return denied
         try:
-            body = json.loads(await request.read())
+            body = orjson.loads(await request.read())
         except ValueError as error:
             raise _BadRequest(400, "BadRequestError", f"the request body is not valid JSON: {error}") from None
         if not isinstance(body, dict):
@@ -354,7 +356,7 @@ class Simulator:
                 "completion_tokens": output_tokens,
             },
         }
-        return web.Response(text=json.dumps(body, ensure_ascii=False), content_type="application/json")
+        return web.Response(body=orjson.dumps(body), content_type="application/json", charset="utf-8")
 
     async def metrics(self, request: web.Request) -> web.Response:
         label = self.model_label
@@ -457,7 +459,8 @@ def serve(config: SimulatorConfig) -> None:
     """Run the simulator on 127.0.0.1 until SIGINT or SIGTERM; prints the listening line once it accepts connections."""
     # An entry point: its start-up log (with the ceiling) must show unless the caller set logging up already.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(_serve(config))
+    # On uvloop, as the project's runs: less CPU per request, so a zero-latency benchmark measures the client (P4).
+    uvloop.run(_serve(config))
 
 
 async def _serve(config: SimulatorConfig) -> None:
