@@ -313,8 +313,8 @@ async def _benchmark(
         client, prompts, config.levels, settings, config.max_seconds_per_level, log=context.log.info
     )
     recommended = bench.recommend_level(results, tolerance=config.tolerance)
-    frame = bench.results_frame(results, context.run_id, client.model or "", client.server_name, recommended)
-    storage.write_partition(Table.BENCHMARK_RUNS, context.run_id, frame)
+    frame = bench.results_frame(results, context.run.run_id, client.model or "", client.server_name, recommended)
+    storage.write_partition(Table.BENCHMARK_RUNS, context.run.run_id, frame)
     plot = storage.write_plot(f"{plot_name}.png", bench.plot_sweep(frame))
     table = frame.select(
         "concurrency", "requests_per_s", "output_tokens_per_s", "success_rate",
@@ -575,11 +575,11 @@ def _generate_offline(
     documents_with_chunks = [document for document in keys if document not in missing]
     report = run_offline(
         storage, documents_with_chunks, model.model, settings, model.batch_command, model.requests_per_file,
-        context.run_id, log=context.log.info,
+        context.run.run_id, log=context.log.info,
     )
     if report.requests:
         storage.write_partition(
-            Table.BENCHMARK_RUNS, f"offline-{context.run_id}", throughput_frame(report, context.run_id, model.model, model.batch_command)
+            Table.BENCHMARK_RUNS, f"offline-{context.run.run_id}", throughput_frame(report, context.run.run_id, model.model, model.batch_command)
         )
     thresholds = config.checks.thresholds()
     published = {}
@@ -637,7 +637,7 @@ def _run_metadata(context: dg.AssetExecutionContext, report: GenerationReport, l
         title = f"qa_pairs {keys[0]}" if len(keys) == 1 else f"qa_pairs ({len(keys)} documents)"
         model = f"-{storage.layout.model}" if storage.layout.model else ""
         plot = plot_generation_telemetry(report.telemetry, title)
-        path = storage.write_plot(f"runs/qa_pairs-{context.run_id}{model}.png", plot)
+        path = storage.write_plot(f"runs/qa_pairs-{context.run.run_id}{model}.png", plot)
         metadata["throughput_plot"] = dg.MetadataValue.path(str(path))
     return metadata
 
