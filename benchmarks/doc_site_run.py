@@ -1,9 +1,9 @@
 """Benchmarks P6 and P7 on the documentation-site corpus (benchmarks/doc_site.py), as a user runs them.
 
 P6: the default `qa-pipeline run` as a subprocess, with only QA_PIPELINE_LLM_BASE_URL set, on a fresh
-data folder (and so a fresh DAGSTER_HOME under it). P7: then pages are edited and `dagster-daemon run`,
-on the same DAGSTER_HOME with deploy/dagster-dev.yaml and the project's workspace.yaml, lets the
-sources sensor regenerate them.
+data folder (and so a fresh DAGSTER_HOME under it). P7: then `dagster-daemon run` starts on the same
+DAGSTER_HOME with deploy/dagster-dev.yaml and the project's workspace.yaml; once the sources sensor has
+ticked, pages are edited and the sensor regenerates them.
 """
 
 from __future__ import annotations
@@ -244,15 +244,13 @@ def regenerate_through_sensor(
     documents_per_run: str | None = None,
     timeout_s: float = 1800.0,
 ) -> SensorRun:
-    """Edits every `every`-th page (again, if an earlier call edited them), then runs `dagster-daemon run`
-    as deploy/dagster-dev.yaml says until the sources sensor's runs have regenerated them, and until the
-    report sensor's refresh is done, so that the next call starts from a quiet instance."""
+    """Runs `dagster-daemon run` as deploy/dagster-dev.yaml says and, once the sources sensor has ticked
+    (the daemon is up, as a user's is when they edit), edits every `every`-th page (again, if an earlier
+    call edited them); waits until the sensor's runs have regenerated them, and until the report
+    sensor's refresh is done, so that the next call starts from a quiet instance."""
     data = root / "data"
     home = data / "dagster_home"
     shutil.copy(REPO / "deploy" / "dagster-dev.yaml", home / "dagster.yaml")
-    changed = revise_pages(pages, data / "sources", every=every)
-    log(f"P7: {len(changed)} of {len(pages)} pages edited (every {every}th); starting dagster-daemon")
-    before = simulator_stats()
     env = clean_environment(
         DAGSTER_HOME=str(home),
         QA_PIPELINE_DATA_DIR=str(data),
@@ -268,7 +266,12 @@ def regenerate_through_sensor(
     )
     try:
         with dg.DagsterInstance.from_config(str(home)) as instance:
-            tick, run_ids = _wait_for_requesting_tick(instance, daemon, daemon_started, log_file, timeout_s)
+            _wait_for_tick(instance, daemon, daemon_started, log_file, timeout_s)
+            before = simulator_stats()
+            changed = revise_pages(pages, data / "sources", every=every)
+            edited_at = time.time()
+            log(f"P7: the daemon is up; {len(changed)} of {len(pages)} pages edited (every {every}th)")
+            tick, run_ids = _wait_for_requesting_tick(instance, daemon, edited_at, log_file, timeout_s)
             log(f"P7: the sensor's tick requested {len(run_ids)} run(s); waiting for them")
             records = _wait_for_runs(instance, run_ids, daemon, log_file, tick.timestamp + timeout_s)
             last = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=QA_PAIRS), limit=1).records[0]
@@ -319,6 +322,18 @@ def _sensor_ticks(instance: dg.DagsterInstance, since: float) -> list:
         if state.name == SENSOR:
             return list(instance.get_ticks(state.instigator_origin_id, state.selector_id, after=since))
     return []
+
+
+def _wait_for_tick(instance, daemon, since: float, log_file: Path, timeout_s: float) -> None:
+    """Until the sources sensor has ticked once since `since` (its first tick after the daemon started)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if daemon.poll() is not None:
+            raise RuntimeError(f"dagster-daemon exited with {daemon.returncode}: {log_file.read_text()[-2000:]}")
+        if _sensor_ticks(instance, since):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"P7: the sources sensor did not tick within {timeout_s:.0f} s: {log_file.read_text()[-3000:]}")
 
 
 def _wait_for_requesting_tick(instance, daemon, since: float, log_file: Path, timeout_s: float):
