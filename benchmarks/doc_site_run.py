@@ -271,7 +271,7 @@ def regenerate_through_sensor(
             changed = revise_pages(pages, data / "sources", every=every)
             edited_at = time.time()
             log(f"P7: the daemon is up; {len(changed)} of {len(pages)} pages edited (every {every}th)")
-            tick, run_ids = _wait_for_requesting_tick(instance, daemon, edited_at, log_file, timeout_s)
+            tick, run_ids = _wait_for_tick(instance, daemon, edited_at, log_file, timeout_s, requesting=True)
             log(f"P7: the sensor's tick requested {len(run_ids)} run(s); waiting for them")
             records = _wait_for_runs(instance, run_ids, daemon, log_file, tick.timestamp + timeout_s)
             last = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=QA_PAIRS), limit=1).records[0]
@@ -324,30 +324,20 @@ def _sensor_ticks(instance: dg.DagsterInstance, since: float) -> list:
     return []
 
 
-def _wait_for_tick(instance, daemon, since: float, log_file: Path, timeout_s: float) -> None:
-    """Until the sources sensor has ticked once since `since` (its first tick after the daemon started)."""
+def _wait_for_tick(instance, daemon, since: float, log_file: Path, timeout_s: float, requesting: bool = False):
+    """The first tick of the sources sensor since `since` (with `requesting`, the first that requested
+    runs), and its runs."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if daemon.poll() is not None:
             raise RuntimeError(f"dagster-daemon exited with {daemon.returncode}: {log_file.read_text()[-2000:]}")
-        if _sensor_ticks(instance, since):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"P7: the sources sensor did not tick within {timeout_s:.0f} s: {log_file.read_text()[-3000:]}")
-
-
-def _wait_for_requesting_tick(instance, daemon, since: float, log_file: Path, timeout_s: float):
-    """The first tick of the sources sensor (since the daemon started) that requested runs, and its runs."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if daemon.poll() is not None:
-            raise RuntimeError(f"dagster-daemon exited with {daemon.returncode}: {log_file.read_text()[-2000:]}")
-        ticks = [t for t in _sensor_ticks(instance, since) if t.run_ids]
+        ticks = [t for t in _sensor_ticks(instance, since) if t.run_ids or not requesting]
         if ticks:
             tick = min(ticks, key=lambda t: t.timestamp)
             return tick, list(tick.run_ids)
         time.sleep(0.5)
-    raise TimeoutError(f"P7: the sources sensor requested no run within {timeout_s:.0f} s: {log_file.read_text()[-3000:]}")
+    what = "requested no run" if requesting else "did not tick"
+    raise TimeoutError(f"P7: the sources sensor {what} within {timeout_s:.0f} s: {log_file.read_text()[-3000:]}")
 
 
 def _wait_for_runs(instance, run_ids: list[str], daemon, log_file: Path, deadline: float) -> list:

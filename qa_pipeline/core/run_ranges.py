@@ -39,7 +39,8 @@ def partition_ranges(
         if len(gap) > max_gap:
             runs.append(current)
             current = []
-        current.extend(gap if current else ())
+        else:
+            current.extend(gap)
         gap = []
         current.append(key)
     if current:
